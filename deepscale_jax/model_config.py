@@ -1,0 +1,96 @@
+"""The model section of a config as a typed, frozen, hashable value.
+
+`configs/*.py` write `config.model` as an `ml_collections.ConfigDict`; models and schemes only
+ever see this `ModelConfig` built from it (DESIGN.md: "models receive only config.model and the
+built scheme"). The dataclass is the single place where model fields, their defaults and their
+validation live; config files take their defaults from `ModelConfig()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu")
+NORM_PLACEMENTS = ("pre", "post")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
+ATTENTION_IMPLS = ("xla",)
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a transformer; every field is named as in `config.model`."""
+
+    vocab_size: int = 256
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    d_ff: int = 512
+    max_len: int = 256
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    activation: str = "relu"
+    norm: str = "layer_norm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"
+    position_embedding: str = "learned"
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> ModelConfig:
+        """Builds and validates a ModelConfig from `config.model` (a ConfigDict or dict)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) model.{', model.'.join(unknown)}; "
+                f"accepted: {', '.join(sorted(known))}"
+            )
+        config = cls(**dict(fields))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field and what would be accepted."""
+        # Imported here: the registries live with the modules they name.
+        from deepscale_jax.nn.norms import NORMS
+        from deepscale_jax.nn.stack import REMAT_POLICIES
+
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
+            )
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"model.{name}={value!r} must lie in [0, 1)")
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps={self.norm_eps!r} must be positive")
+        choices = {
+            "activation": ACTIVATIONS,
+            "norm": tuple(NORMS),
+            "norm_placement": NORM_PLACEMENTS,
+            "position_embedding": POSITION_EMBEDDINGS,
+            "attention_impl": ATTENTION_IMPLS,
+            "remat_policy": tuple(REMAT_POLICIES),
+            "dtype": DTYPES,
+        }
+        for name, accepted in choices.items():
+            value = getattr(self, name)
+            if value not in accepted:
+                raise ValueError(f"unknown model.{name}={value!r}; accepted: {', '.join(accepted)}")

@@ -1,0 +1,1 @@
+"""Flax linen building blocks; every weight's initializer comes from a scheme."""

@@ -1,0 +1,27 @@
+"""GPT-2 / Megatron-LM default init (Radford et al. 2019; Shoeybi et al. 2019).
+
+Every weight N(0, std^2) with std = 0.02 (configurable as `scheme.std`); the two projections
+that write into the residual stream (attention output, FFN output) are scaled down by
+1/sqrt(2N), N = number of layers, so the residual stream's variance stays O(1) over 2N merges.
+No residual scaling: lambda = beta = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from deepscale_jax.nn.initializers import Std
+from deepscale_jax.schemes.base import Scheme
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultScheme(Scheme):
+    name = "default"
+    std_base: float = 0.02
+
+    def std(self, role: str, layer) -> Std:
+        self.check_role(role)
+        if role in ("attn_out", "ffn_out"):
+            return self.std_base / math.sqrt(2.0 * self.model.num_layers)
+        return self.std_base

@@ -1,0 +1,278 @@
+"""The one training loop: `train_and_evaluate(config, workdir)`.
+
+Parameters are created already sharded (`jax.eval_shape`, then `jit(init, out_shardings=...)`);
+the train step is jitted with explicit in/out shardings and a donated state; one root key, and
+`fold_in(rng, step)` gives each step its dropout key. Metrics are fetched from the device only at
+log steps. A rerun with the same workdir resumes from the latest checkpoint (params, optimizer
+state, step, rng and the data iterator's position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from deepscale_jax import data as data_lib
+from deepscale_jax import sharding
+from deepscale_jax.checkpoint import Checkpointer, abstract_state
+from deepscale_jax.metrics import MetricWriter, nats_to_bits, token_cross_entropy
+from deepscale_jax.models import build_model
+from deepscale_jax.optim import make_optimizer, make_schedule
+from deepscale_jax.validation import check_workdir, validate_config
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: tuple,
+    seed: int,
+    seq_len: int,
+) -> tuple[TrainState, TrainState]:
+    """(state created sharded on `mesh`, the state's shardings)."""
+    root = jax.random.PRNGKey(seed)
+    init_key, train_key = jax.random.split(root)
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+
+    def boxed_params() -> Any:
+        return model.init({"params": init_key}, dummy)["params"]
+
+    def init_state() -> TrainState:
+        params = nn.meta.unbox(boxed_params())
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), train_key)
+
+    param_shardings = sharding.param_shardings(jax.eval_shape(boxed_params), mesh, rules)
+    repl = sharding.replicated(mesh)
+    abstract = jax.eval_shape(init_state)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: repl,
+    )
+    shardings = TrainState(repl, param_shardings, opt_shardings, repl)
+    state = jax.jit(init_state, out_shardings=shardings)()
+    return state, shardings
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params: Any) -> jax.Array:
+            logits = model.apply(
+                {"params": params},
+                batch["inputs"],
+                deterministic=False,
+                rngs={"dropout": dropout_key},
+            )
+            total, count = token_cross_entropy(logits, batch["targets"], batch.get("weights"))
+            return total / count
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": optax.global_norm(grads),
+            "train/learning_rate": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: TrainState,
+    batch_sharding: jax.sharding.NamedSharding,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The train step jitted with explicit shardings and the state donated."""
+    return jax.jit(
+        make_train_step(model, tx, schedule),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        return token_cross_entropy(logits, batch["targets"], batch.get("weights"))
+
+    return eval_step
+
+
+def to_global(batch: dict, batch_sharding: jax.sharding.NamedSharding) -> dict:
+    """This process's rows -> one global array per field, sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+def evaluate(
+    eval_step: Callable, params: Any, config: ml_collections.ConfigDict, batch_sharding: Any
+) -> dict[str, float]:
+    """Mean loss and bits per byte over `train.eval_batches` validation batches (-1 = all)."""
+    iterator = data_lib.make_lm_iterator(
+        config.data,
+        split="validation",
+        seq_len=config.train.seq_len,
+        global_batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        shuffle=False,
+        repeat=False,
+    )
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(iterator):
+        if config.train.eval_batches != -1 and i >= config.train.eval_batches:
+            break
+        loss_sum, n = eval_step(params, to_global(batch, batch_sharding))
+        total, count = total + float(loss_sum), count + float(n)
+    if count == 0:
+        raise ValueError("the validation split yielded no batch: lower train.batch_size/seq_len")
+    loss = total / count
+    return {"eval/validation/loss": loss, "eval/validation/bits_per_byte": nats_to_bits(loss)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+    model_config, scheme = validate_config(config)
+    workdir = check_workdir(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    mesh = sharding.make_mesh(config.mesh.shape.to_dict())
+    rules = sharding.logical_rules(config.mesh.get("rules"))
+    sharding.check_batch_divisible(config.train.batch_size, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    model = build_model(config.task, model_config, scheme)
+    num_steps = config.train.num_steps
+    tx = make_optimizer(config.optim, num_steps)
+    schedule = make_schedule(config.optim, num_steps)
+    state, state_shardings = create_train_state(
+        model, tx, mesh, rules, config.train.seed, config.train.seq_len
+    )
+    train_iter = data_lib.make_lm_iterator(
+        config.data,
+        split="train",
+        seq_len=config.train.seq_len,
+        global_batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        shuffle=True,
+        repeat=True,
+    )
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.ckpt.every_steps, config.ckpt.max_to_keep
+    )
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state = ckpt.restore(start, abstract_state(state, state_shardings))
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+        print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
+    start = start or 0
+
+    train_step = jit_train_step(model, tx, schedule, state_shardings, batch_sharding)
+    eval_step = jax.jit(
+        make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding)
+    )
+
+    writer = MetricWriter(workdir)
+    tokens_per_step = config.train.batch_size * config.train.seq_len
+    final: dict[str, float] = {}
+    progress = tqdm(
+        total=num_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        mininterval=1.0,
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    try:
+        if start < num_steps:
+            t_compile = time.perf_counter()
+            batch = to_global(next(train_iter), batch_sharding)
+            compiled = train_step.lower(state, batch).compile()
+            compile_seconds = time.perf_counter() - t_compile
+            writer.write(start, {"perf/compile_seconds": compile_seconds})
+            progress.write(f"train step compiled in {compile_seconds:.1f} s")
+        else:
+            progress.write(f"already trained to train.num_steps={num_steps}; evaluating only")
+            final.update(evaluate(eval_step, state.params, config, batch_sharding))
+        pending: dict | None = None
+        interval_start, interval_steps = time.perf_counter(), 0
+        for step in range(start + 1, num_steps + 1):
+            if step > start + 1:
+                batch = to_global(next(train_iter), batch_sharding)
+            state, metrics = compiled(state, batch)
+            pending = metrics if pending is None else jax.tree.map(jnp.add, pending, metrics)
+            interval_steps += 1
+            progress.update(1)
+            if step % config.train.log_every_steps == 0 or step == num_steps:
+                scalars = {k: float(v) / interval_steps for k, v in jax.device_get(pending).items()}
+                elapsed = time.perf_counter() - interval_start
+                scalars["perf/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
+                scalars["perf/step_seconds"] = elapsed / interval_steps
+                writer.write(step, scalars)
+                progress.set_postfix(
+                    loss=f"{scalars['train/loss']:.3f}",
+                    tok_s=f"{scalars['perf/tokens_per_sec']:.0f}",
+                )
+                final.update(scalars)
+                pending, interval_steps = None, 0
+                interval_start = time.perf_counter()
+            if step % config.train.eval_every_steps == 0 or step == num_steps:
+                scores = evaluate(eval_step, state.params, config, batch_sharding)
+                writer.write(step, scores)
+                final.update(scores)
+                progress.write(
+                    f"step {step}: validation loss {scores['eval/validation/loss']:.4f}, "
+                    f"{scores['eval/validation/bits_per_byte']:.3f} bits/byte"
+                )
+                interval_start = time.perf_counter()
+            if ckpt.should_save(step, num_steps):
+                ckpt.save(step, state, train_iter.get_state())
+    finally:
+        progress.close()
+        ckpt.close()
+        writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2, sort_keys=True)
+    return final

@@ -1,0 +1,1 @@
+"""Tests of deepscale_jax.data."""

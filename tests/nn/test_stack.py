@@ -1,0 +1,62 @@
+"""Scanned == unrolled, remat == no remat."""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import init_params, tiny_lm, tokens, unstack_layers
+
+
+@pytest.mark.parametrize("scheme", ["xavier", "default"])
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_scanned_and_unrolled_give_identical_parameters_and_logits(scheme, placement):
+    toks = tokens()
+    scanned = tiny_lm(scheme, scan_layers=True, norm_placement=placement)
+    unrolled = tiny_lm(scheme, scan_layers=False, norm_placement=placement)
+    p_scan = init_params(scanned, toks, seed=3)
+    p_unroll = init_params(unrolled, toks, seed=3)
+
+    converted = unstack_layers(p_scan, scanned.config.num_layers)
+    assert jax.tree.structure(converted) == jax.tree.structure(p_unroll)
+    for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(p_unroll), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    logits_scan = scanned.apply({"params": p_scan}, toks)
+    logits_unroll = unrolled.apply({"params": p_unroll}, toks)
+    np.testing.assert_allclose(logits_scan, logits_unroll, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_get_different_weights_and_seeds_differ():
+    toks = tokens()
+    model = tiny_lm()
+    q = init_params(model, toks, seed=0)["decoder"]["layers"]["attn"]["q"]["kernel"]
+    assert not np.allclose(q[0], q[1])
+    q_other = init_params(model, toks, seed=1)["decoder"]["layers"]["attn"]["q"]["kernel"]
+    assert not np.allclose(q, q_other)
+
+
+def test_deeper_model_shares_lower_layers():
+    """A weight is a function of (seed, layer, role): depth 5 extends depth 3."""
+    toks = tokens()
+    shallow = init_params(tiny_lm(num_layers=3), toks)["decoder"]["layers"]
+    deep = init_params(tiny_lm(num_layers=5), toks)["decoder"]["layers"]
+    np.testing.assert_array_equal(
+        shallow["ffn"]["ffn_in"]["kernel"], deep["ffn"]["ffn_in"]["kernel"][:3]
+    )
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "sublayer_outputs"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_gives_the_same_gradients(policy, scan):
+    toks = tokens()
+    plain = tiny_lm(scan_layers=scan)
+    remat = tiny_lm(scan_layers=scan, remat_policy=policy)
+    params = init_params(plain, toks)
+
+    def loss(model, p):
+        return jax.numpy.mean(model.apply({"params": p}, toks) ** 2)
+
+    g_plain = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+    g_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
