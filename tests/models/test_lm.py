@@ -14,10 +14,11 @@ def test_changing_token_t_never_changes_logits_before_t(placement, position):
     model = tiny_lm(norm_placement=placement, position_embedding=position)
     toks = tokens(batch=1)
     params = init_params(model, toks)
-    base = model.apply({"params": params}, toks)
+    apply = jax.jit(model.apply)
+    base = apply({"params": params}, toks)
     for t in (0, 5, 15):
         changed = toks.at[0, t].set((toks[0, t] + 7) % 64)
-        out = model.apply({"params": params}, changed)
+        out = apply({"params": params}, changed)
         np.testing.assert_array_equal(out[0, :t], base[0, :t])
         assert not np.allclose(out[0, t], base[0, t])
 
@@ -28,11 +29,12 @@ def test_padding_masks_keys():
     toks = tokens(batch=2)
     valid = jnp.ones_like(toks, bool).at[1, 10:].set(False)
     params = init_params(model, toks)
-    base = model.apply({"params": params}, toks, valid)
+    apply = jax.jit(model.apply)
+    base = apply({"params": params}, toks, valid)
     # causal already hides later tokens; pad an *earlier* slot to exercise the padding mask.
     valid_early = jnp.ones_like(toks, bool).at[1, 2].set(False)
-    a = model.apply({"params": params}, toks, valid_early)
-    b = model.apply({"params": params}, toks.at[1, 2].set(63 - toks[1, 2]), valid_early)
+    a = apply({"params": params}, toks, valid_early)
+    b = apply({"params": params}, toks.at[1, 2].set(63 - toks[1, 2]), valid_early)
     np.testing.assert_allclose(a[1, 3:], b[1, 3:], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(a[0], base[0], rtol=1e-6, atol=1e-6)
 
@@ -52,9 +54,10 @@ def test_dropout_is_stochastic_in_training_only():
     det1 = model.apply({"params": params}, toks)
     det2 = model.apply({"params": params}, toks, deterministic=True)
     np.testing.assert_array_equal(det1, det2)
-    train = lambda k: model.apply(
-        {"params": params}, toks, deterministic=False, rngs={"dropout": jax.random.PRNGKey(k)}
+    train_apply = jax.jit(
+        lambda k: model.apply({"params": params}, toks, deterministic=False, rngs={"dropout": k})
     )
+    train = lambda k: train_apply(jax.random.PRNGKey(k))
     assert not np.allclose(train(0), train(1))
     np.testing.assert_array_equal(train(2), train(2))
 

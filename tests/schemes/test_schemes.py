@@ -1,0 +1,97 @@
+"""Every weight's init comes from the scheme: measured stds match each scheme's formula."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.models.lm import DecoderLM
+from deepscale_jax.schemes import ROLES, build_scheme
+from tests.helpers import init_params, tokens
+
+CFG = ModelConfig(
+    vocab_size=256,
+    num_layers=4,
+    d_model=128,
+    num_heads=4,
+    d_ff=512,
+    max_len=64,
+    tie_embeddings=False,
+)
+
+
+def expected_std(scheme: str, role: str, cfg: ModelConfig) -> float:
+    d, d_head, n = cfg.d_model, cfg.head_dim, cfg.num_layers
+    if scheme == "xavier":
+        return {
+            "q": math.sqrt(2 / (d + d_head)),
+            "k": math.sqrt(2 / (d + d_head)),
+            "v": math.sqrt(2 / (d + d_head)),
+            "ffn_in": math.sqrt(2 / (5 * d)),
+            "ffn_out": math.sqrt(2 / (5 * d)),
+        }.get(role, math.sqrt(1 / d))
+    return 0.02 / math.sqrt(2 * n) if role in ("attn_out", "ffn_out") else 0.02
+
+
+def weights_by_role(params: dict) -> dict[str, np.ndarray]:
+    layers = params["decoder"]["layers"]
+    return {
+        "embed": params["embed"]["embedding"],
+        "pos_embed": params["pos_embed"]["embedding"],
+        "head": params["head"]["kernel"],
+        "q": layers["attn"]["q"]["kernel"],
+        "k": layers["attn"]["k"]["kernel"],
+        "v": layers["attn"]["v"]["kernel"],
+        "attn_out": layers["attn"]["attn_out"]["kernel"],
+        "ffn_in": layers["ffn"]["ffn_in"]["kernel"],
+        "ffn_out": layers["ffn"]["ffn_out"]["kernel"],
+    }
+
+
+@pytest.mark.parametrize("scheme", ["xavier", "default"])
+def test_each_weight_std_matches_its_formula(scheme):
+    model = DecoderLM(CFG, build_scheme({"name": scheme}, CFG))
+    params = init_params(model, tokens(length=64, vocab=256))
+    weights = weights_by_role(params)
+    assert set(weights) == set(ROLES)
+    for role, w in weights.items():
+        w = np.asarray(w)
+        per_layer = (
+            w.reshape(CFG.num_layers, -1)
+            if role in ("q", "k", "v", "attn_out", "ffn_in", "ffn_out")
+            else [w]
+        )
+        for layer_w in per_layer:
+            assert np.std(layer_w) == pytest.approx(expected_std(scheme, role, CFG), rel=0.05), role
+            assert abs(np.mean(layer_w)) < 0.05 * expected_std(scheme, role, CFG) + 1e-3
+
+
+def test_biases_zero_and_norm_gains_one():
+    model = DecoderLM(CFG, build_scheme({"name": "xavier"}, CFG))
+    params = init_params(model, tokens(length=64, vocab=256))
+    layers = params["decoder"]["layers"]
+    np.testing.assert_array_equal(layers["attn"]["q"]["bias"], 0)
+    np.testing.assert_array_equal(layers["attn_norm"]["scale"], 1)
+    np.testing.assert_array_equal(layers["ffn_norm"]["bias"], 0)
+
+
+def test_default_scheme_std_base_option_and_residual():
+    cfg = dataclasses.replace(CFG, num_layers=8)
+    scheme = build_scheme({"name": "default", "std_base": 0.01}, cfg)
+    assert scheme.std("q", 0) == 0.01
+    assert scheme.std("ffn_out", 3) == pytest.approx(0.01 / 4)
+    assert scheme.residual(5) == (1.0, 1.0)
+
+
+def test_unknown_role_is_named():
+    scheme = build_scheme({"name": "xavier"}, CFG)
+    with pytest.raises(ValueError, match="no init for role 'cross_q'; known roles: embed"):
+        scheme.init("cross_q", 0)
+
+
+def test_schemes_are_hashable_values():
+    a = build_scheme({"name": "xavier"}, CFG)
+    b = build_scheme({"name": "xavier"}, CFG)
+    assert a == b and hash(a) == hash(b)

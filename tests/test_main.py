@@ -1,0 +1,43 @@
+"""The command line: a smoke run, a resume, and a bad flag, as a user would type them."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "deepscale_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_trains_then_resumes(data_dir, tmp_path):
+    args = [
+        "--config=configs/lm.py:smoke",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.data_dir={data_dir}",
+    ]
+    first = _main(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "final validation" in first.stdout
+    second = _main(*args, "--config.train.num_steps=9")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Resuming from checkpoint at step 6" in second.stdout
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["6", "9"]
+
+
+def test_cli_bad_config_is_one_clear_line(tmp_path):
+    result = _main("--config=configs/lm.py:smoke,heads=3", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "model.num_heads=3 does not divide model.d_model=32" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run")
