@@ -1,4 +1,5 @@
-# Two commands set everything up on a fresh machine:
+# Two commands set everything up on a fresh machine (run from the repository root, which is
+# where python finds the deepscale_jax package and configs/):
 #   make run    create .venv if missing, install, train the default model (the main job)
 #   make test   same set-up, then the test suite (CPU, 8 simulated devices)
 PYTHON ?= python3
@@ -13,7 +14,6 @@ CONFIG ?= configs/lm.py
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 run: $(STAMP)

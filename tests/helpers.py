@@ -6,10 +6,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
+from deepscale_jax.nn.stack import unstack_layers
 from deepscale_jax.schemes import build_scheme
 
 TINY = ModelConfig(
@@ -31,15 +31,6 @@ def init_params(model: DecoderLM, toks: jax.Array, seed: int = 0) -> dict:
     return nn.meta.unbox(variables)["params"]
 
 
-def unstack_layers(scanned: dict, num_layers: int) -> dict:
-    """Scanned layout (decoder/layers, leading axis N) -> unrolled (decoder/layer_000, ...)."""
-    out = {k: v for k, v in scanned.items() if k != "decoder"}
-    stacked = scanned["decoder"]["layers"]
-    out["decoder"] = {
-        f"layer_{i:03d}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)
-    }
-    return out
-
-
-def zeros_like_tokens(toks: jax.Array) -> jax.Array:
-    return jnp.zeros_like(toks)
+def unstack_model(scanned: dict, num_layers: int) -> dict:
+    """Scanned model params (decoder/layers, leading axis N) -> unrolled (decoder/layer_000...)."""
+    return {**scanned, "decoder": unstack_layers(scanned["decoder"], num_layers)}

@@ -50,6 +50,8 @@ class DecoderLM(nn.Module):
             name="pos_embed",
         )(x)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = self.perturb("embed_out", x)  # measurement hooks, no-ops in training
+        self.sow("intermediates", "embed_out", x)
 
         mask = causal_mask(tokens.shape[1])
         if valid is not None:

@@ -82,4 +82,6 @@ class DecoderLayer(nn.Module):
             coefficients,
             cfg.norm_placement,
         )
+        x = self.perturb("residual", x)
+        self.sow("intermediates", "residual", x)
         return x, None

@@ -5,6 +5,10 @@ scan), so layer-dependent inits and residual coefficients are jnp math on it. Ea
 its own init key `fold_in(stack_key, index)` (nn/initializers.py), which makes the scanned and
 the unrolled stack produce identical parameters for the same seed.
 
+Each layer exposes its output residual stream for measurement (theory/model.py): sown into the
+"intermediates" collection and open to `perturb` ("perturbations"), whose gradient is
+dLoss/d(residual stream); both are no-ops unless those collections are requested.
+
 Rematerialisation (`model.remat_policy`) wraps each layer in `nn.remat` with a named policy:
 - none: no remat (every activation kept);
 - full: nothing saved, the whole layer recomputed in the backward pass;
@@ -71,7 +75,7 @@ class LayerStack(nn.Module):
         if self.scan:
             scanned = nn.scan(
                 layer_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
                 split_rngs={"params": False, "dropout": True},
                 in_axes=(0, 0) + (nn.broadcast,) * len(broadcast_args),
                 length=self.num_layers,
@@ -87,3 +91,23 @@ class LayerStack(nn.Module):
 
     def _layer_kwargs(self) -> dict:
         return {"config": self.config, "scheme": self.scheme, "deterministic": self.deterministic}
+
+
+def unstack_layers(stack_params: dict, num_layers: int) -> dict:
+    """A scanned stack's params {"layers": leaves (N, ...)} -> unrolled {"layer_000": ..., ...}."""
+    stacked = stack_params["layers"]
+    return {f"layer_{i:03d}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)}
+
+
+def stack_layers(unrolled_params: dict) -> dict:
+    """The inverse of `unstack_layers`: {"layer_000": ..., ...} -> {"layers": leaves (N, ...)}."""
+    names = sorted(unrolled_params)
+    return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(unrolled_params[n] for n in names))}
+
+
+def per_layer_params(stack_params: dict, num_layers: int) -> list[dict]:
+    """The params of each layer, in order, from either layout."""
+    unrolled = (
+        unstack_layers(stack_params, num_layers) if "layers" in stack_params else stack_params
+    )
+    return [unrolled[f"layer_{i:03d}"] for i in range(num_layers)]

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import init_params, tiny_lm, tokens, unstack_layers
+from deepscale_jax.nn.stack import stack_layers, unstack_layers
+from tests.helpers import init_params, tiny_lm, tokens, unstack_model
 
 
 @pytest.mark.parametrize("scheme", ["xavier", "default"])
@@ -16,7 +17,7 @@ def test_scanned_and_unrolled_give_identical_parameters_and_logits(scheme, place
     p_scan = init_params(scanned, toks, seed=3)
     p_unroll = init_params(unrolled, toks, seed=3)
 
-    converted = unstack_layers(p_scan, scanned.config.num_layers)
+    converted = unstack_model(p_scan, scanned.config.num_layers)
     assert jax.tree.structure(converted) == jax.tree.structure(p_unroll)
     for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(p_unroll), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -60,3 +61,12 @@ def test_remat_gives_the_same_gradients(policy, scan):
     g_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_layout_converters_round_trip():
+    params = init_params(tiny_lm(), tokens())["decoder"]
+    unrolled = unstack_layers(params, 3)
+    assert sorted(unrolled) == ["layer_000", "layer_001", "layer_002"]
+    back = stack_layers(unrolled)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
