@@ -139,19 +139,25 @@ def to_global(batch: dict, batch_sharding: jax.sharding.NamedSharding) -> dict:
     }
 
 
+def lm_iterator(config: ml_collections.ConfigDict, split: str, training: bool) -> Any:
+    """This process's batches of `split`: shuffled and endless for training, one ordered pass
+    otherwise."""
+    return data_lib.make_lm_iterator(
+        config.data,
+        split=split,
+        seq_len=config.train.seq_len,
+        global_batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        shuffle=training,
+        repeat=training,
+    )
+
+
 def evaluate(
     eval_step: Callable, params: Any, config: ml_collections.ConfigDict, batch_sharding: Any
 ) -> dict[str, float]:
     """Mean loss and bits per byte over `train.eval_batches` validation batches (-1 = all)."""
-    iterator = data_lib.make_lm_iterator(
-        config.data,
-        split="validation",
-        seq_len=config.train.seq_len,
-        global_batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        shuffle=False,
-        repeat=False,
-    )
+    iterator = lm_iterator(config, "validation", training=False)
     total, count = 0.0, 0.0
     for i, batch in enumerate(iterator):
         if config.train.eval_batches != -1 and i >= config.train.eval_batches:
@@ -185,15 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, state_shardings = create_train_state(
         model, tx, mesh, rules, config.train.seed, config.train.seq_len
     )
-    train_iter = data_lib.make_lm_iterator(
-        config.data,
-        split="train",
-        seq_len=config.train.seq_len,
-        global_batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        shuffle=True,
-        repeat=True,
-    )
+    train_iter = lm_iterator(config, "train", training=True)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"), config.ckpt.every_steps, config.ckpt.max_to_keep
