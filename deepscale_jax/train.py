@@ -170,6 +170,95 @@ def evaluate(
     return {"eval/validation/loss": loss, "eval/validation/bits_per_byte": nats_to_bits(loss)}
 
 
+class IntervalMeter:
+    """Sums per-step metrics on the device and fetches them once per log interval, adding
+    throughput (time spent in evaluation is excluded by `restart_clock`)."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self._sums: dict | None = None
+        self._steps = 0
+        self._start = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self._sums = metrics if self._sums is None else jax.tree.map(jnp.add, self._sums, metrics)
+        self._steps += 1
+
+    def restart_clock(self) -> None:
+        self._start = time.perf_counter()
+
+    def flush(self) -> dict[str, float]:
+        scalars = {k: float(v) / self._steps for k, v in jax.device_get(self._sums).items()}
+        elapsed = time.perf_counter() - self._start
+        scalars["perf/tokens_per_sec"] = self._steps * self.tokens_per_step / elapsed
+        scalars["perf/step_seconds"] = elapsed / self._steps
+        self._sums, self._steps = None, 0
+        self.restart_clock()
+        return scalars
+
+
+def train_loop(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    train_step: Callable,
+    eval_step: Callable,
+    train_iter: Any,
+    batch_sharding: jax.sharding.NamedSharding,
+    ckpt: Checkpointer,
+    writer: MetricWriter,
+    start: int,
+) -> dict[str, float]:
+    """Steps start+1 .. train.num_steps with logging, evaluation and checkpoints; returns the
+    last value of every metric. The host syncs only at log, eval and checkpoint steps."""
+    num_steps = config.train.num_steps
+    progress = tqdm(
+        total=num_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        mininterval=1.0,
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    final: dict[str, float] = {}
+    try:
+        t_compile = time.perf_counter()
+        batch = to_global(next(train_iter), batch_sharding)
+        compiled = train_step.lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - t_compile
+        writer.write(start, {"perf/compile_seconds": compile_seconds})
+        progress.write(f"train step compiled in {compile_seconds:.1f} s")
+        meter = IntervalMeter(config.train.batch_size * config.train.seq_len)
+        for step in range(start + 1, num_steps + 1):
+            if step > start + 1:
+                batch = to_global(next(train_iter), batch_sharding)
+            state, metrics = compiled(state, batch)
+            meter.add(metrics)
+            progress.update(1)
+            if step % config.train.log_every_steps == 0 or step == num_steps:
+                scalars = meter.flush()
+                writer.write(step, scalars)
+                final.update(scalars)
+                progress.set_postfix(
+                    loss=f"{scalars['train/loss']:.3f}",
+                    tok_s=f"{scalars['perf/tokens_per_sec']:.0f}",
+                )
+            if step % config.train.eval_every_steps == 0 or step == num_steps:
+                scores = evaluate(eval_step, state.params, config, batch_sharding)
+                writer.write(step, scores)
+                final.update(scores)
+                progress.write(
+                    f"step {step}: validation loss {scores['eval/validation/loss']:.4f}, "
+                    f"{scores['eval/validation/bits_per_byte']:.3f} bits/byte"
+                )
+                meter.restart_clock()
+            if ckpt.should_save(step, num_steps):
+                ckpt.save(step, state, train_iter.get_state())
+    finally:
+        progress.close()
+    return final
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
     model_config, scheme = validate_config(config)
@@ -211,63 +300,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     writer = MetricWriter(workdir)
-    tokens_per_step = config.train.batch_size * config.train.seq_len
     final: dict[str, float] = {}
-    progress = tqdm(
-        total=num_steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        mininterval=1.0,
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
     try:
-        if start < num_steps:
-            t_compile = time.perf_counter()
-            batch = to_global(next(train_iter), batch_sharding)
-            compiled = train_step.lower(state, batch).compile()
-            compile_seconds = time.perf_counter() - t_compile
-            writer.write(start, {"perf/compile_seconds": compile_seconds})
-            progress.write(f"train step compiled in {compile_seconds:.1f} s")
-        else:
-            progress.write(f"already trained to train.num_steps={num_steps}; evaluating only")
+        if start >= num_steps:
+            print(f"already trained to train.num_steps={num_steps}; evaluating only", flush=True)
             final.update(evaluate(eval_step, state.params, config, batch_sharding))
-        pending: dict | None = None
-        interval_start, interval_steps = time.perf_counter(), 0
-        for step in range(start + 1, num_steps + 1):
-            if step > start + 1:
-                batch = to_global(next(train_iter), batch_sharding)
-            state, metrics = compiled(state, batch)
-            pending = metrics if pending is None else jax.tree.map(jnp.add, pending, metrics)
-            interval_steps += 1
-            progress.update(1)
-            if step % config.train.log_every_steps == 0 or step == num_steps:
-                scalars = {k: float(v) / interval_steps for k, v in jax.device_get(pending).items()}
-                elapsed = time.perf_counter() - interval_start
-                scalars["perf/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
-                scalars["perf/step_seconds"] = elapsed / interval_steps
-                writer.write(step, scalars)
-                progress.set_postfix(
-                    loss=f"{scalars['train/loss']:.3f}",
-                    tok_s=f"{scalars['perf/tokens_per_sec']:.0f}",
+        else:
+            final.update(
+                train_loop(
+                    config,
+                    state,
+                    train_step,
+                    eval_step,
+                    train_iter,
+                    batch_sharding,
+                    ckpt,
+                    writer,
+                    start,
                 )
-                final.update(scalars)
-                pending, interval_steps = None, 0
-                interval_start = time.perf_counter()
-            if step % config.train.eval_every_steps == 0 or step == num_steps:
-                scores = evaluate(eval_step, state.params, config, batch_sharding)
-                writer.write(step, scores)
-                final.update(scores)
-                progress.write(
-                    f"step {step}: validation loss {scores['eval/validation/loss']:.4f}, "
-                    f"{scores['eval/validation/bits_per_byte']:.3f} bits/byte"
-                )
-                interval_start = time.perf_counter()
-            if ckpt.should_save(step, num_steps):
-                ckpt.save(step, state, train_iter.get_state())
+            )
     finally:
-        progress.close()
         ckpt.close()
         writer.close()
     if jax.process_index() == 0:
