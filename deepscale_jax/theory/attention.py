@@ -1,0 +1,411 @@
+r"""Closed-form moment maps of softmax attention at initialization, forward and backward.
+
+Sources: theory.md 1.6 (softmax), 1.7 (single-head attention, the authors' `SHA.py`), 1.9 (the
+attention block), 1.11 (what the authors' code leaves out). All functions are pure functions of
+python floats (numpy quadratures, no sampling).
+
+Setting (one head). X: L x d_in, zero mean, variance s^2, inter-token correlation r, written
+x_j = sqrt(r) u + sqrt(1-r) e_j per feature. q = W_q^T x, k, v likewise (W ~ N(0, sigma^2), head
+dim d_k); s_q^2 = d_in sigma_q^2 s^2 (s_k^2, s_v^2 likewise); logits z_ij = q_i.k_j / sqrt(d_k),
+Var(z) = V_z = s_q^2 s_k^2. P = softmax(z) (causal: row i sees n_i = i+1 keys), A = D P/(1-p)
+(attention-probability dropout), context c = A V; upstream gradient g (variance s_g^2,
+correlation r_g). A non-zero input mean acts as one more shared component (s^2 <- s^2 + mu^2,
+r <- (r s^2 + mu^2)/(s^2 + mu^2)).
+
+1. Logits of one query. Given q_i and the weights, the key-varying parts k'_j are i.i.d. over
+   keys, so z_i. is an i.i.d. sample of variance tau_i = (1-r) s^2 |W_k q_i|^2 / d_k, mean
+   tau = (1-r) V_z (the shared part of k shifts a row and cancels in softmax; tau is the
+   (1-r) s^2 of 1.6). tau_i varies over queries (chi-square factors from |x|, |q|, W_k): a Gamma
+   law of relative variance (1+2/d_in)^a (1+2/d_k) - 1 (a = 2 Gaussian input, 1 LayerNorm input).
+   Logits are Gaussian for Gaussian inputs; for LayerNorm inputs (fixed |x_j|) a logit is a
+   sphere projection, density ~ (1 - z^2/(m tau))^((m-3)/2), m = (d_in+2)/(1-r)^2 - 2 (its
+   kurtosis, measured).
+2. Softmax functionals, exact for i.i.d. logits at any tau and row length n: with S = sum e^z,
+   1/S^A = int_0^inf t^(A-1) e^(-tS) dt / Gamma(A), so for distinct keys j_1..j_M
+   E[prod_m P_jm^a_m z_jm^b_m] = int t^(A-1)/Gamma(A) prod_m psi_(a_m,b_m)(t) phi(t)^(n-M) dt,
+   psi_ab(t) = E[z^b e^(a z - t e^z)], phi = psi_00: one-dimensional quadratures. Used:
+   M2 = E sum P^2 (= e^tau/n for large n, the e^((1-r)Var(logit)) of 1.6; 1/n if uniform), M3,
+   E (sum P^2)^2, Z1 = sum P z, sum P^2 z^2 and F1 = E[S2 - 2 S3 + S2^2] (the weight of the
+   softmax Jacobian), averaged over tau_i. Two rows share keys with logit correlation rho ~ r:
+   K = n_max E[sum_j P_ij P_i'j] = (n_min M2(n_min))^rho, exact at rho = 0, at rho = 1 and for
+   large n (e^(rho tau)); rho also absorbs the fluctuation of the row covariance tau_ii'. Causal
+   rows of lengths n << n' instead have K = E[sum_j P_ij e^(rho z_j)] e^(-rho^2 tau/2) (the long
+   row's normalizer no longer sees row i's keys); K interpolates between the two in n/n'.
+3. Forward. c_i = v_u sum_j A_ij + sum_j A_ij v'_j. Given q_i and W, v'_j regresses on z_ij with
+   coefficient Cov(z, v')/tau_i, and E_Wv Cov^2 = s_v^2 (1-r) tau_i / d_in, so
+   E c^2 = r s_v^2 (1 + p M2/(1-p))
+           + (1-r) s_v^2 [Z2/d_in + (1 - 1/d_in) M2/(1-p) + p ZP/((1-p) d_in)],
+   Z2 = E Z1^2/tau (-> tau: the authors' T1 term), ZP = E sum P^2 z^2/tau. For LayerNorm inputs
+   M2 becomes E sum P^2 (m - z^2/tau)/(m-1): the residual variance shrinks on attended keys.
+   Inter-token: E c_i c_i' = r s_v^2 + (1-r) s_v^2 [K/n_max + r (Z2 - M2)/d_in].
+   Uniform limit (tau -> 0): s_v^2 (r + (1-r)/L) bidirectional, s_v^2 (r + (1-r) H_L/L) causal.
+4. Backward, dX = W_v a + W_q b + W_k c (value, query and key paths; cross terms between paths
+   are O(tau/(d_in L)) and dropped). dA_ij = g_i.v_j, dZ_ij = P_ij (dA_ij - sum_l P_il dA_il).
+   - Value path (the authors' only path): a_j = sum_i A_ij g_i; summed over all columns,
+     sum_j E a_j^2 / s_g^2 = sum_i M2_i/(1-p) + r_g sum_(i != i') K_ii'/n_max, which for uniform
+     attention is the (1/(1-p) + r_g (L-1))/L of 1.7; non-uniform attention multiplies its 1/L
+     part by ~e^tau and its r_g part by ~e^(r tau).
+   - Query path: b_i = d_k^-1/2 sum_j P_ij (eta_j - etabar)(k_j - kbar), eta_j = g_i.v'_j, with
+     key-varying parts i.i.d. over keys. (i) Incoherent part: variance
+     Var(eta) tr Cov(k') E[S2 - 2 S3 + S2^2] = (1-r)^2 s_v^2 s_k^2 |g|^2 d_k F1 (F1 ~ M2: 1/L).
+     (ii) Coherent part: Cov(eta, k') = (1-r) s^2 W_k^T W_v g is the same for every key, so it
+     survives the sum with weight (1 - S2); E|Cov|^2 = (1-r)^2 d_k s_k^2 s_v^2 |g|^2 / d_in. So
+     Var = sigma_q^2 (1-r) s_k^2 s_v^2 s_g^2 [c_p ((d_k - 1) F1 + F3) + (1-r)(d_k/d_in) F2],
+     F2 = F1 + E(1-S2)^2, F3 the logit-direction part, c_p = (1 - r + r p)/((1-r)(1-p)) (dropout
+     breaks the cancellation of the shared value). Next to the value path this is
+     ~ (1-r) tau (1/L + 1/d_in)/(r_g + 1/L): up to ~50% on the authors' grid (their 44.5% p99),
+     and larger than the value path when tau ~ 2-3 (an LM at init).
+   - Key path: c_j = d_k^-1/2 sum_i P_ij (eta_ij - etabar_i) q_i. Same-query terms give F1
+     weighted by |q_i|^2 ~ tau_i; pairs i != i' give (1-r) r_eff r_g s_v^2 s_q^2 K (a key that all
+     queries favour collects the shared gradient), centred by E[sum_j P_ij P_i'j (1 - P_ij -
+     P_i'j + ...)], with r_eff = r + c tau (1 + r^2)/d_k the bias of q_i.q_i' on keys favoured by
+     both rows (the tilt of q.q' by K ~ e^(c tau_ii'), c = mean log(n M2)/tau <= 1 saturating on
+     short rows). sum_j c_j = 0 exactly (softmax rows sum to 1).
+   - Inter-token covariance from the exact column sum sum_j dX_j = W_v sum_i g_i sum_j A_ij
+     + W_q sum_i b_i: Cov = (E|sum_j dX_j|^2 - sum_j E dX_j^2)/(L(L-1)).
+   Approximations: independent paths and heads; the self-key correlation of causal rows is
+   ignored (O(d_k/d_in) on short rows); pair functionals interpolate log-linearly in rho. Checked
+   against the real modules to a few % for tau <~ 4, d_k >= 16, L >= 16 (attention_sweeps.py).
+5. Multi-head block (nn/attention.py): H heads of the map above with d_in = d, d_k = d_head; W_o
+   (fan-in H d_head, std sigma_o) multiplies the forward moments by H d_head sigma_o^2 and feeds
+   each head the gradient variance d sigma_o^2 s_g^2 with the same r_g; head gradients add. Its
+   input is a LayerNorm output, so the sphere-projection logits of step 1 are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+from scipy.special import gammaln, roots_genlaguerre
+
+from deepscale_jax.theory.measure import Grad, Signal
+
+_DX, _DU, _TAU_NODES, _DENSE_N, _SPARSE_N = 0.1, 0.2, 10, 32, 40
+
+# name -> list of index groups; each group lists (power of P, power of z) over distinct keys.
+_TERMS: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {
+    "S2": (((2, 0),),),
+    "S3": (((3, 0),),),
+    "S22": (((4, 0),), ((2, 0), (2, 0))),
+    "Z1Z1": (((2, 2),), ((1, 1), (1, 1))),
+    "P2Z2": (((2, 2),),),
+    "P2Z4": (((2, 4),),),
+    "Z1P2Z": (((3, 2),), ((1, 1), (2, 1))),
+    "Z1Z1S2": (
+        ((4, 2),),
+        ((2, 2), (2, 0)),
+        ((3, 1), (1, 1)),
+        ((3, 1), (1, 1)),
+        ((1, 1), (1, 1), (2, 0)),
+    ),
+}
+
+
+def _logit_law(tau: float, d_eff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Grid and weights of one logit: N(0, tau), or the sphere projection with d_eff dimensions."""
+    x = np.arange(-9.0, 9.0 + 4.0 * math.sqrt(tau) + _DX, _DX)
+    if math.isinf(d_eff):
+        w = np.exp(-0.5 * x**2)
+    else:
+        x = x[np.abs(x) < math.sqrt(d_eff)]
+        w = np.exp(0.5 * (d_eff - 3.0) * np.log1p(-(x**2) / d_eff))
+    return math.sqrt(tau) * x, w / w.sum()
+
+
+def _uniform_moments(n: np.ndarray) -> dict[str, np.ndarray]:
+    """tau -> 0 limits of `_moments` (uniform attention)."""
+    f1 = (n - 1) / n**2
+    return {"M2": 1 / n, "M3": 1 / n**2, "F1": f1, "F2": f1 + (1 - 1 / n) ** 2,
+            "Z2": 1 / n, "ZP": 1 / n, "ZP4": 3 / n, "F3": f1}  # fmt: skip
+
+
+def _moments(tau: float, n: np.ndarray, d_eff: float, rho: float | None) -> dict[str, np.ndarray]:
+    """Softmax functionals of n i.i.d. logits of variance tau (module docstring, step 2).
+
+    With rho, also "T" = E[sum_j P_j e^(rho z_j)] e^(-rho^2 tau/2): n_max E[sum_j P_ij P_i'j] for
+    a row i' much longer than row i (its normalizer then is independent of row i's keys).
+    """
+    if tau < 1e-9:
+        return {**_uniform_moments(n), "T": np.ones_like(n)}
+    z, w = _logit_law(tau, d_eff)
+    u = np.arange(
+        -math.log(n.max()) - 4 * tau - 4 * math.sqrt(tau) - 40.0, 6 + 4 * math.sqrt(tau), _DU
+    )
+    te = np.outer(np.exp(u), np.exp(z))
+    decay = np.exp(-te)
+    log_phi = np.maximum(np.log(np.maximum(1.0 - (-np.expm1(-te)) @ w, 1e-300)), -1e4)
+    psi = functools.cache(lambda a, b: decay @ (w * np.exp(a * z) * z**b))
+    raw = {}
+    for name, groups in _TERMS.items():
+        total = np.zeros_like(n)
+        for group in groups:
+            m, big_a = len(group), sum(a for a, _ in group)
+            prod = np.prod([psi(a, b) for a, b in group], axis=0)
+            log_count = gammaln(n + 1) - gammaln(np.maximum(n - m + 1, 1))
+            expo = (n[:, None] - m) * log_phi + big_a * u + (log_count[:, None] - gammaln(big_a))
+            expo = np.where(n[:, None] >= m, expo, -np.inf)
+            total += (np.exp(expo) * prod).sum(1) * _DU
+        raw[name] = total
+    if rho is not None:
+        tilted = decay @ (w * np.exp((1 + rho) * z))
+        integral = (np.exp((n[:, None] - 1) * log_phi + u) * tilted).sum(1) * _DU
+        raw["T"] = n * integral * math.exp(-rho * rho * tau / 2)
+    s2, s3, s22 = raw["S2"], raw["S3"], raw["S22"]
+    f1 = s2 - 2 * s3 + s22
+    f3 = (raw["P2Z2"] - 2 * raw["Z1P2Z"] + raw["Z1Z1S2"]) / tau
+    return {"M2": s2, "M3": s3, "F1": f1, "F2": f1 + 1 - 2 * s2 + s22, "Z2": raw["Z1Z1"] / tau,
+            "ZP": raw["P2Z2"] / tau, "ZP4": raw["P2Z4"] / tau**2, "F3": f3,
+            **({"T": raw["T"]} if rho is not None else {})}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=512)
+def softmax_functionals(
+    tau: float, shape: float, length: int, causal: bool, d_eff: float, rho: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Functionals per query row (length L), averaged over tau_i ~ Gamma(shape, tau/shape).
+
+    "F1q" is F1 weighted by tau_i/tau (the |q_i|^2 factor of the key path). Causal rows (n = 1..L)
+    are evaluated at 32 + 40 lengths and interpolated in log n; they also get "T" (`_moments`)
+    for the row correlation rho.
+    """
+    if causal:
+        grid = np.unique(
+            np.concatenate(
+                [np.arange(1, _DENSE_N + 1), np.geomspace(_DENSE_N, length, _SPARSE_N).round()]
+            )
+        )
+        grid = grid[grid <= length].astype(float)
+    else:
+        grid = np.array([float(length)])
+    if tau < 1e-9 or shape > 1e7:
+        nodes, weights = np.array([1.0]), np.array([1.0])
+    elif shape > 50:  # nearly normal; generalized Laguerre weights overflow for large shapes
+        x, wts = np.polynomial.hermite_e.hermegauss(_TAU_NODES)
+        nodes, weights = np.maximum(1 + x / math.sqrt(shape), 1e-3), wts / wts.sum()
+    else:
+        x, wts = roots_genlaguerre(_TAU_NODES, shape - 1)
+        nodes, weights = x / shape, wts / wts.sum()
+    acc: dict[str, np.ndarray] = {}
+    for node, weight in zip(nodes, weights, strict=True):
+        f = _moments(tau * node, grid, d_eff, rho if causal else None)
+        f["F1q"] = f["F1"] * node
+        for key, val in f.items():
+            acc[key] = acc.get(key, 0.0) + weight * val
+    if not causal:
+        return {k: np.full(length, v[0]) for k, v in acc.items()}
+    n = np.arange(1, length + 1, dtype=float)
+    return {k: np.interp(np.log(n), np.log(grid), v) for k, v in acc.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    """One attention head on a given input; every derived quantity of the docstring."""
+
+    x: Signal
+    d_in: int
+    d_k: int
+    length: int
+    sigma_q: float
+    sigma_k: float
+    sigma_v: float
+    p: float
+    causal: bool
+    layer_norm_input: bool
+
+    @property
+    def s2(self) -> float:
+        return self.x.var + self.x.mean**2
+
+    @property
+    def r(self) -> float:
+        return (self.x.corr * self.x.var + self.x.mean**2) / self.s2 if self.s2 > 0 else 1.0
+
+    def proj_var(self, sigma: float) -> float:
+        return self.d_in * sigma**2 * self.s2
+
+    @property
+    def tau(self) -> float:
+        return (1 - self.r) * self.proj_var(self.sigma_q) * self.proj_var(self.sigma_k)
+
+    @property
+    def d_eff(self) -> float:
+        if not self.layer_norm_input or self.r >= 1 - 1e-6:
+            return math.inf
+        m = (self.d_in + 2) / (1 - self.r) ** 2 - 2
+        return math.inf if m > 1e4 else m
+
+    @property
+    def spread(self) -> float:
+        """Relative variance of tau_i over queries."""
+        return (1 + 2 / self.d_in) ** (1 if self.layer_norm_input else 2) * (1 + 2 / self.d_k) - 1
+
+    @functools.cached_property
+    def f(self) -> dict[str, np.ndarray]:
+        args = (self.tau, 1 / self.spread, self.length, self.causal, self.d_eff)
+        return softmax_functionals(*args, self.rho if self.causal else 0.0)
+
+    @property
+    def rho(self) -> float:
+        """Effective logit correlation of two rows (module docstring, step 2)."""
+        tau, r = self.tau, self.r
+        if tau <= 0:
+            return r
+        a = 0 if self.layer_norm_input else 1
+        v_ii = tau**2 * self.spread
+        v_ij = tau**2 * ((1 + r * r) / self.d_k + 2 * r * r * (1 + a) / self.d_in)
+        return (r * tau + v_ij / 2) / (tau + v_ii / 2)
+
+    @functools.cached_property
+    def pairs(self) -> tuple[float, float, float]:
+        """sum_{i != i'} of K/n_max, of its centred version, and of the doubly centred one."""
+        f, rho, length = self.f, self.rho, self.length
+        n = np.arange(1, length + 1, dtype=float) if self.causal else np.full(length, length, float)
+        k_min = (n * f["M2"]) ** rho
+        g3 = f["M2"] ** (1 - rho) * (n * f["M3"]) ** rho
+        if self.causal:  # rows i < i': interpolate K from n_i = n_i' (k_min) to n_i << n_i' (T)
+            frac = np.triu(n[:, None] / n[None, :], 1)
+            k = np.triu(
+                np.exp((1 - frac) * np.log(f["T"])[:, None] + frac * np.log(k_min)[:, None]), 1
+            )
+            pair = 2 * np.sum(k / n[None, :])
+            upper = np.triu(np.ones((length, length)), 1)
+            g3_sum = np.sum(upper * (g3[:, None] + g3[None, :]) / n[None, :])
+            pair1 = 2 * (np.sum(k / n[None, :]) - g3_sum + np.sum((k / n[None, :]) ** 2))
+        else:
+            pair = (length - 1) * k_min[0]
+            pair1 = (length - 1) * (k_min[0] - 2 * g3[0] + k_min[0] ** 2 / length)
+        pair1 = max(pair1, 0.0)
+        return pair, pair1, max(2 * pair1 - pair, 0.0)
+
+    @property
+    def omegas(self) -> tuple[np.ndarray, np.ndarray]:
+        """E sum P^2 w and E sum P^2 w^2, w = (m - z^2/tau)/(m-1) (LayerNorm input; else M2)."""
+        f, m = self.f, self.d_eff
+        if math.isinf(m):
+            return f["M2"], f["M2"]
+        om1 = (m * f["M2"] - f["ZP"]) / (m - 1)
+        return om1, (m * m * f["M2"] - 2 * m * f["ZP"] + f["ZP4"]) / (m - 1) ** 2
+
+    def forward(self) -> tuple[float, float]:
+        """(variance, inter-token covariance) of the context A V."""
+        f, r, p, d_in, length = self.f, self.r, self.p, self.d_in, self.length
+        sv2, om1 = self.proj_var(self.sigma_v), self.omegas[0]
+        own = f["Z2"] / d_in + (1 - 1 / d_in) * om1 / (1 - p) + p / (1 - p) * f["ZP"] / d_in
+        var = np.mean(r * sv2 * (1 + p / (1 - p) * f["M2"]) + (1 - r) * sv2 * own)
+        coh = np.sqrt(np.maximum(f["Z2"] - f["M2"], 0.0) / d_in)
+        pair_sum = self.pairs[0] + r * (coh.sum() ** 2 - (coh**2).sum())
+        return float(var), float(r * sv2 + (1 - r) * sv2 * pair_sum / (length * (length - 1)))
+
+    def backward(self, g: Grad) -> tuple[float, float]:
+        """(variance, inter-token covariance) of dLoss/dX through this head."""
+        f, r, p, d_k, d_in, length = self.f, self.r, self.p, self.d_k, self.d_in, self.length
+        sq2, sk2, sv2 = (self.proj_var(s) for s in (self.sigma_q, self.sigma_k, self.sigma_v))
+        sg2, rg, m2 = g.var, g.corr, f["M2"]
+        pair, pair1, pair2 = self.pairs
+        om1, om2 = self.omegas
+        c_p = (1 - r + r * p) / (1 - p)
+        value = d_k * self.sigma_v**2 * sg2 * (np.sum(m2) / (1 - p) + rg * pair)
+        f1_sphere = f["F1"] * np.divide(om2, m2)
+        query_rows = (self.sigma_q**2 * sk2 * (1 - r) * sv2 * sg2) * (
+            c_p * ((d_k - 1) * f1_sphere + f["F3"]) + (1 - r) * (d_k / d_in) * f["F2"]
+        )
+        # E[q.q' | both rows favour key j] / E|q|^2: the tilt by K ~ e^(c tau_ii'), c = dlogK/dtau
+        n = np.arange(1, length + 1) if self.causal else np.full(length, length)
+        c_sat = float(np.mean(np.log(np.maximum(n * m2, 1.0)))) / self.tau if self.tau > 0 else 1.0
+        r_eff = r + c_sat * self.tau * (1 + r * r) / d_k
+        key = (self.sigma_k**2 * sq2 * sv2 * sg2 * d_k) * (
+            c_p * np.sum(f["F1q"] * np.divide(om1, m2)) + (1 - r) * r_eff * rg * pair1
+        )
+        total = value + query_rows.sum() + key
+        one_minus = np.sum(1 - m2) ** 2 - np.sum((1 - m2) ** 2)
+        query_pairs = (self.sigma_q**2 * (1 - r) ** 2 * sk2 * sv2 * sg2 * rg) * (
+            (d_k / d_in) * one_minus + d_k * pair2
+        )
+        column_sum = (
+            d_k
+            * self.sigma_v**2
+            * sg2
+            * (np.sum(1 + p / (1 - p) * m2) + rg * length * (length - 1))
+        )
+        total_sq = column_sum + query_rows.sum() + query_pairs
+        return float(total / length), float((total_sq - total) / (length * (length - 1)))
+
+
+def _check(length: int, p: float) -> None:
+    if length < 2:
+        raise ValueError(f"attention moments need L >= 2 tokens, got {length}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must lie in [0, 1), got {p}")
+
+
+def _signal(var: float, cov: float) -> Signal:
+    return Signal(mean=0.0, var=var, corr=cov / var if var > 0 else 1.0)
+
+
+def sha_forward(
+    x: Signal,
+    *,
+    d_in: int,
+    d_k: int,
+    L: int,
+    sigma_q: float,
+    sigma_k: float,
+    sigma_v: float,
+    p: float,
+) -> Signal:
+    """Context moments of single-head attention A X W_v (theory.md 1.7), Gaussian input x."""
+    _check(L, p)
+    head = _Head(x, d_in, d_k, L, sigma_q, sigma_k, sigma_v, p, False, False)
+    return _signal(*head.forward())
+
+
+def sha_backward(
+    x: Signal,
+    g: Grad,
+    *,
+    d_in: int,
+    d_k: int,
+    L: int,
+    sigma_q: float,
+    sigma_k: float,
+    sigma_v: float,
+    p: float,
+) -> Grad:
+    """dLoss/dX moments of single-head attention: value, query and key paths (docstring, step 4)."""
+    _check(L, p)
+    head = _Head(x, d_in, d_k, L, sigma_q, sigma_k, sigma_v, p, False, False)
+    var, cov = head.backward(g)
+    return Grad(var=var, corr=cov / var if var > 0 else 0.0)
+
+
+def _mha_head(
+    x: Signal, d: int, heads: int, L: int, sq: float, sk: float, sv: float, p: float, causal: bool
+) -> _Head:
+    _check(L, p)
+    if not 1 <= heads <= d:
+        raise ValueError(f"need 1 <= heads <= d, got heads={heads}, d={d}")
+    return _Head(x, d, d // heads, L, sq, sk, sv, p, causal, True)
+
+
+def mha_forward(
+    x: Signal, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float, sigma_v: float,
+    sigma_o: float, p_attn: float, causal: bool,
+) -> Signal:  # fmt: skip
+    """Output moments of `nn.attention.MultiHeadAttention` (zero biases) on a LayerNorm output x."""
+    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    var, cov = head.forward()
+    gain = heads * head.d_k * sigma_o**2
+    return _signal(gain * var, gain * cov)
+
+
+def mha_backward(
+    x: Signal, g: Grad, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float,
+    sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
+) -> Grad:  # fmt: skip
+    """dLoss/dx moments of `MultiHeadAttention` given the output-gradient moments g."""
+    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    var, cov = head.backward(Grad(var=d * sigma_o**2 * g.var, corr=g.corr))
+    return Grad(var=heads * var, corr=cov / var if var > 0 else 0.0)

@@ -1,0 +1,269 @@
+"""Whole-model signal propagation: predicted (composed moment maps) and measured (real LM).
+
+Predicted: the component maps of components.py / attention.py composed along the decoder
+layer's block structure (nn/block.py) for any scheme and for Pre-LN and Post-LN, giving per
+layer the residual-stream variance, inter-token correlation and gradient variance (Kedia et al.
+2024, sec. 3-4; theory.md 1.9-1.10). Measured: the same quantities read off the real
+`DecoderLM` at initialization, through the measurement hooks of nn/block.py (`sow` of the
+residual stream, `perturb` for its gradient), plus per-layer weight-gradient norms.
+
+Index convention: profile[0] is the embedding output (the stack's input), profile[l] the
+residual stream after layer l (1..N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepscale_jax.metrics import token_cross_entropy
+from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.nn.stack import per_layer_params
+from deepscale_jax.theory import attention, components
+from deepscale_jax.theory.measure import Grad, Signal, estimate
+
+WEIGHT_NAMES = ("kernel",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Per-layer moments of the residual stream and its gradient (arrays of length N + 1), and
+    per-layer weight-gradient norms (length N, None when not computed)."""
+
+    var: np.ndarray
+    corr: np.ndarray
+    grad_var: np.ndarray
+    grad_corr: np.ndarray
+    weight_grad_norm: np.ndarray | None = None
+
+    def to_json(self) -> dict[str, list[float] | None]:
+        return {
+            f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).tolist())
+            for f in dataclasses.fields(self)
+        }
+
+
+Forward = Callable[[Signal], Signal]
+Backward = Callable[[Signal, Grad], Grad]
+
+NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
+    "layer_norm": (components.layernorm_forward, components.layernorm_backward),
+    "rms_norm": (components.rmsnorm_forward, components.rmsnorm_backward),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sublayer:
+    """One residual sublayer's moment maps: branch f, norm, dropout p, coefficients, placement."""
+
+    branch_forward: Forward
+    branch_backward: Backward
+    norm_forward: Forward
+    norm_backward: Backward
+    p: float
+    lam: float
+    beta: float
+    placement: str
+
+    def forward(self, x: Signal) -> tuple[Signal, tuple]:
+        """Output moments and what the backward map needs (the inputs of each piece)."""
+        if self.placement == "pre":
+            h = self.norm_forward(x)
+            b = self.branch_forward(h)
+            out = components.residual_forward(
+                x, f=components.dropout_forward(b, p=self.p), lam=self.lam, beta=self.beta
+            )
+            return out, (x, h, b)
+        b = self.branch_forward(x)
+        merged = components.residual_forward(
+            x, f=components.dropout_forward(b, p=self.p), lam=self.lam, beta=self.beta
+        )
+        return self.norm_forward(merged), (x, merged, b)
+
+    def backward(self, cache: tuple, g: Grad) -> Grad:
+        """Gradient moments at the sublayer input from those at its output."""
+        if self.placement == "pre":
+            x, h, b = cache
+            g_b = components.dropout_backward(b, g, p=self.p)
+            g_branch = self.norm_backward(x, self.branch_backward(h, g_b))
+            return components.residual_backward(
+                x, g, g_block=g_branch, lam=self.lam, beta=self.beta
+            )
+        x, merged, b = cache
+        g_merged = self.norm_backward(merged, g)
+        g_b = components.dropout_backward(b, g_merged, p=self.p)
+        g_branch = self.branch_backward(x, g_b)
+        return components.residual_backward(
+            x, g_merged, g_block=g_branch, lam=self.lam, beta=self.beta
+        )
+
+
+def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -> list[Sublayer]:
+    """The attention and FFN sublayers of decoder layer `layer`, as nn/block.py builds them:
+    stds from `scheme.std(role, layer)`, (lambda, beta) from `scheme.residual(layer)`."""
+    std = lambda role: float(scheme.std(role, layer))
+    lam, beta = (float(c) for c in scheme.residual(layer))
+    attn_kw = dict(
+        d=cfg.d_model,
+        heads=cfg.num_heads,
+        L=seq_len,
+        sigma_q=std("q"),
+        sigma_k=std("k"),
+        sigma_v=std("v"),
+        sigma_o=std("attn_out"),
+        p_attn=cfg.attn_dropout,
+        causal=True,
+    )
+    ffn_kw = dict(
+        d=cfg.d_model,
+        d_ff=cfg.d_ff,
+        sigma_1=std("ffn_in"),
+        sigma_2=std("ffn_out"),
+        activation=cfg.activation,
+        p=0.0,
+    )
+    norm_f, norm_b = NORM_MAPS[cfg.norm]
+    norm_kw = dict(d=cfg.d_model, eps=cfg.norm_eps)
+    common = dict(
+        norm_forward=lambda x: norm_f(x, **norm_kw),
+        norm_backward=lambda x, g: norm_b(x, g, **norm_kw),
+        p=cfg.dropout,
+        lam=lam,
+        beta=beta,
+        placement=cfg.norm_placement,
+    )
+    return [
+        Sublayer(
+            lambda x: attention.mha_forward(x, **attn_kw),
+            lambda x, g: attention.mha_backward(x, g, **attn_kw),
+            **common,
+        ),
+        Sublayer(
+            lambda x: components.ffn_forward(x, **ffn_kw),
+            lambda x, g: components.ffn_backward(x, g, **ffn_kw),
+            **common,
+        ),
+    ]
+
+
+def predict_lm(cfg: ModelConfig, scheme: Any, seq_len: int, x0: Signal, g_top: Grad) -> Profile:
+    """Predicted per-layer moments of a decoder LM at initialization.
+
+    `x0` is the stack's input (embedding output) and `g_top` the gradient at the last layer's
+    output (above it sit only the final norm and the head, which the per-layer laws do not
+    involve). Forward: the sublayer maps in order; backward: in reverse, from g_top.
+    """
+    x = x0
+    forward = [x0]
+    caches: list[tuple[Sublayer, tuple]] = []
+    for layer in range(cfg.num_layers):
+        for sublayer in decoder_sublayers(cfg, scheme, layer, seq_len):
+            x, cache = sublayer.forward(x)
+            caches.append((sublayer, cache))
+        forward.append(x)
+    g = g_top
+    grads = [g_top]
+    for index in range(len(caches) - 1, -1, -1):
+        sublayer, cache = caches[index]
+        g = sublayer.backward(cache, g)
+        if index % 2 == 0:  # the input of an attention sublayer = the output of a layer
+            grads.append(g)
+    grads.reverse()
+    return Profile(
+        var=np.asarray([s.var for s in forward]),
+        corr=np.asarray([s.corr for s in forward]),
+        grad_var=np.asarray([g.var for g in grads]),
+        grad_corr=np.asarray([g.corr for g in grads]),
+    )
+
+
+def _stack_profile(streams: list[jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """(variance, inter-token correlation) of each (B, T, d) stream; batch and features are the
+    i.i.d. samples, as in the component measurements."""
+    var, corr = [], []
+    for stream in streams:
+        _, v, c = estimate(stream, token_axis=-2)
+        var.append(v)
+        corr.append(c / v)
+    return np.asarray(var), np.asarray(corr)
+
+
+def _layer_streams(tree: dict, num_layers: int, name: str) -> list[jax.Array]:
+    """The per-layer arrays `name` of a sown/perturbation collection, either layout."""
+    stack = tree["decoder"]
+    if "layers" in stack:
+        value = stack["layers"][name]
+        value = value[0] if isinstance(value, tuple) else value
+        return [value[i] for i in range(num_layers)]
+    out = []
+    for i in range(num_layers):
+        value = stack[f"layer_{i:03d}"][name]
+        out.append(value[0] if isinstance(value, tuple) else value)
+    return out
+
+
+def weight_grad_norms(grads: dict, num_layers: int) -> np.ndarray:
+    """sqrt(sum of squared gradients) over each layer's weight matrices (not biases, gains)."""
+    norms = []
+    for layer in per_layer_params(grads["decoder"], num_layers):
+        leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
+        total = sum(
+            float(jnp.sum(jnp.square(leaf)))
+            for path, leaf in leaves
+            if getattr(path[-1], "key", None) in WEIGHT_NAMES
+        )
+        norms.append(np.sqrt(total))
+    return np.asarray(norms)
+
+
+def measure_lm(model: nn.Module, params: dict, tokens: jax.Array, targets: jax.Array) -> Profile:
+    """Per-layer forward and backward moments of the real LM under its cross-entropy loss.
+
+    Deterministic forward (no dropout); the gradient of the mean token cross-entropy w.r.t. the
+    residual stream after each layer comes from zero perturbations added there.
+    """
+    num_layers = model.config.num_layers
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))
+    perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+
+    def loss_fn(p: dict, pert: dict) -> tuple[jax.Array, dict]:
+        logits, state = model.apply(
+            {"params": p, "perturbations": pert}, tokens, mutable=["intermediates"]
+        )
+        total, count = token_cross_entropy(logits, targets)
+        return total / count, state["intermediates"]
+
+    grad_fn = jax.jit(jax.grad(loss_fn, argnums=(0, 1), has_aux=True))
+    (param_grads, stream_grads), inter = grad_fn(params, perturbations)
+
+    def with_embedding(tree: dict, name: str) -> list[jax.Array]:
+        embed = tree["embed_out"]
+        embed = embed[0] if isinstance(embed, tuple) else embed
+        return [embed, *_layer_streams(tree, num_layers, name)]
+
+    var, corr = _stack_profile(with_embedding(inter, "residual"))
+    grad_var, grad_corr = _stack_profile(with_embedding(stream_grads, "residual"))
+    return Profile(var, corr, grad_var, grad_corr, weight_grad_norms(param_grads, num_layers))
+
+
+def predicted_and_measured(
+    model: nn.Module, params: dict, tokens: jax.Array, targets: jax.Array
+) -> tuple[Profile, Profile]:
+    """(prediction, measurement) for one LM at init; the prediction starts from the measured
+    embedding output and the measured gradient at the top layer (the anchors of the laws)."""
+    measured = measure_lm(model, params, tokens, targets)
+    x0 = Signal(0.0, float(measured.var[0]), float(measured.corr[0]))
+    g_top = Grad(float(measured.grad_var[-1]), float(measured.grad_corr[-1]))
+    predicted = predict_lm(model.config, model.scheme, tokens.shape[1], x0, g_top)
+    return predicted, measured
+
+
+def max_relative_error(predicted: np.ndarray, measured: np.ndarray) -> float:
+    """max over layers of |predicted - measured| / measured."""
+    return float(np.max(np.abs(predicted - measured) / np.abs(measured)))

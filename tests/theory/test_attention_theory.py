@@ -1,0 +1,156 @@
+"""Attention moment maps (theory/attention.py) against the real modules (attention_sweeps.py).
+
+Targets: the authors' SHA percentiles (theory.md 3.2) and g var p99 <= 10%; MHA (causal and
+bidirectional, LayerNorm input, xavier stds) forward and backward variance within 10%.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepscale_jax.nn.attention import MultiHeadAttention, causal_mask
+from deepscale_jax.nn.initializers import LayerInit
+from deepscale_jax.theory import attention as theory
+from deepscale_jax.theory import attention_sweeps as sweeps
+from deepscale_jax.theory.measure import STATISTICS, Grad, Signal, case_errors, percentiles
+
+AUTHORS_P90 = {"x mean": 1.0, "x var": 4.1, "g var": 13.3, "x cov": 3.9, "g cov": 4.5}
+
+
+def _errors(cases, seed: int = 0) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {name: [] for name in STATISTICS}
+    for i, case in enumerate(cases):
+        plain = sweeps.plain_relative_statistics(case.component)
+        errors = case_errors(case.measure(jax.random.PRNGKey(seed + i)), case.predict(), plain)
+        for name, value in errors.items():
+            out[name].append(value)
+    return out
+
+
+def test_sha_small_grid_beats_authors():
+    grid = {**sweeps.SHA_SMALL, "d_in": (100,)}
+    cases = [sweeps.SHACase(c) for c in sweeps.sample_grid(grid, 12, seed=3)]
+    errors = _errors(cases)
+    for name, limit in AUTHORS_P90.items():
+        assert percentiles(errors[name])[1] <= limit, (name, percentiles(errors[name]))
+    assert percentiles(errors["g var"])[2] <= 10.0, percentiles(errors["g var"])
+
+
+MHA_CONFIGS = [
+    # (d, heads, L, r, r_g, p_attn, causal)
+    (64, 2, 128, 0.2, 0.6, 0.0, 1),
+    (64, 2, 128, 0.5, 0.0, 0.0, 1),
+    (64, 2, 128, 0.9, 0.9, 0.0, 1),
+    (128, 8, 64, 0.0, 0.3, 0.1, 0),
+    (128, 8, 64, 0.5, 0.9, 0.1, 0),
+    (128, 8, 64, 0.8, 0.0, 0.1, 0),
+]
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_mha_lm_regime_variances_within_10_percent(causal):
+    keys = ("d", "heads", "L", "r", "r_g", "p_attn", "causal")
+    cases = [
+        sweeps.MHACase(dict(zip(keys, c, strict=True)), samples=8192)
+        for c in MHA_CONFIGS
+        if c[-1] == causal
+    ]
+    errors = _errors(cases, seed=10 * causal)
+    assert max(errors["x var"]) <= 0.10, errors["x var"]
+    assert max(errors["g var"]) <= 0.10, errors["g var"]
+
+
+SHA_KW = {"d_in": 100, "d_k": 64, "L": 300, "sigma_k": 0.06, "sigma_v": 0.1}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_sha_uniform_limit_is_the_authors_formula(p):
+    x, g, length, d_k, sv2 = Signal(0.0, 1.3, 0.4), Grad(0.7, 0.25), 300, 64, 0.01
+    out = theory.sha_forward(x, **SHA_KW, sigma_q=0.0, p=p)
+    back = theory.sha_backward(x, g, **SHA_KW, sigma_q=0.0, p=p)
+    s_v2 = 100 * sv2 * x.var
+    expected_var = s_v2 * (
+        x.corr * (1 + p / ((1 - p) * length)) + (1 - x.corr) / (length * (1 - p))
+    )
+    np.testing.assert_allclose(out.var, expected_var, rtol=1e-9)
+    np.testing.assert_allclose(out.cov, s_v2 * (x.corr + (1 - x.corr) / length), rtol=1e-9)
+    # theory.md 1.7 (value path, uniform attention)
+    g_var = g.var * d_k * sv2 * (1 + (length - 1) * g.corr * (1 - p)) / (length * (1 - p))
+    np.testing.assert_allclose(back.var, g_var, rtol=1e-9)
+    np.testing.assert_allclose(
+        back.cov, g.var * d_k * sv2 * (1 + (length - 1) * g.corr) / length, rtol=1e-9
+    )
+
+
+def test_mha_uniform_limit_causal_harmonic():
+    d, heads, length, r = 64, 4, 50, 0.3
+    kw = {"d": d, "heads": heads, "L": length, "sigma_k": 0.1, "sigma_v": 0.1, "sigma_o": 0.125}
+    out = theory.mha_forward(Signal(0.0, 1.0, r), **kw, sigma_q=0.0, p_attn=0.0, causal=True)
+    harmonic = sum(1 / n for n in range(1, length + 1))
+    gain = d * 0.1**2 * d * 0.125**2
+    np.testing.assert_allclose(out.var, gain * (r + (1 - r) * harmonic / length), rtol=1e-9)
+    # the uniform limit is continuous: a tiny sigma_q gives nearly the same moments
+    near = theory.mha_forward(Signal(0.0, 1.0, r), **kw, sigma_q=3e-3, p_attn=0.0, causal=True)
+    np.testing.assert_allclose(near.var, out.var, rtol=1e-3)
+
+
+def test_softmax_functional_matches_lognormal_limit():
+    """Large L: E sum P^2 = e^tau / L (theory.md 1.6, "approx")."""
+    for tau in (0.1, 1.0, 2.0):
+        m2 = theory.softmax_functionals(tau, 1e9, 20000, False, math.inf)["M2"][0]
+        np.testing.assert_allclose(m2 * 20000, math.exp(tau), rtol=0.02)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_correlated_input_gives_equal_output_tokens(causal):
+    d, heads, length = 32, 2, 8
+    stds = sweeps.xavier_stds(d, heads)
+    predicted = theory.mha_forward(
+        Signal(0.0, 1.0, 1.0), d=d, heads=heads, L=length, **stds, p_attn=0.0, causal=causal
+    )
+    assert predicted.corr == pytest.approx(1.0)
+    backward = theory.sha_backward(
+        Signal(0.0, 1.0, 1.0),
+        Grad(1.0, 0.0),
+        d_in=d,
+        d_k=16,
+        L=length,
+        sigma_q=0.2,
+        sigma_k=0.2,
+        sigma_v=0.2,
+        p=0.0,
+    )
+    assert backward.var == pytest.approx(16 * 0.04 / length)  # value path only, uniform attention
+    # the real module: identical input tokens give identical output tokens
+    module = MultiHeadAttention(heads)
+    init = LayerInit(
+        sweeps.Stds(stds["sigma_q"], stds["sigma_k"], stds["sigma_v"], stds["sigma_o"])
+    )
+    x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (1, 1, d)), (1, length, d))
+    mask = causal_mask(length) if causal else None
+    params = module.init(jax.random.PRNGKey(1), x, mask, init)
+    y = nn.meta.unbox(module.apply(params, x, mask, init))
+    np.testing.assert_allclose(y, jnp.broadcast_to(y[:, :1], y.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_full_grid():
+    """96 random configurations of the authors' SHA grid + 16 of the MHA grid (~10 min)."""
+    errors: dict[str, dict[str, list[float]]] = {"SHA": {}, "MHA": {}}
+    for i, case in enumerate(sweeps.cases(full=True)):
+        plain = sweeps.plain_relative_statistics(case.component)
+        measured = case.measure(jax.random.PRNGKey(i))
+        for name, value in case_errors(measured, case.predict(), plain).items():
+            errors[case.component].setdefault(name, []).append(value)
+    sha, mha = errors["SHA"], errors["MHA"]
+    assert percentiles(sha["g var"])[2] <= 10.0, percentiles(sha["g var"])
+    for name in ("g var", "g cov"):
+        assert percentiles(sha[name])[1] <= AUTHORS_P90[name], (name, percentiles(sha[name]))
+    for name in ("x var", "g var"):
+        assert percentiles(mha[name])[1] <= 10.0, (name, percentiles(mha[name]))
