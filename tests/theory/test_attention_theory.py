@@ -18,9 +18,16 @@ from deepscale_jax.nn.attention import MultiHeadAttention, causal_mask
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.theory import attention as theory
 from deepscale_jax.theory import attention_sweeps as sweeps
-from deepscale_jax.theory.measure import STATISTICS, Grad, Signal, case_errors, percentiles
+from deepscale_jax.theory.measure import (
+    AUTHORS_PERCENTILES,
+    STATISTICS,
+    Grad,
+    Signal,
+    case_errors,
+    percentiles,
+)
 
-AUTHORS_P90 = {"x mean": 1.0, "x var": 4.1, "g var": 13.3, "x cov": 3.9, "g cov": 4.5}
+AUTHORS_P90 = {name: p[1] for name, p in AUTHORS_PERCENTILES["SHA"].items()}
 
 
 def _errors(cases, seed: int = 0) -> dict[str, list[float]]:
