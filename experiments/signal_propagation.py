@@ -124,6 +124,23 @@ def whole_model(
         "measured": measured.to_json(),
         "max_rel_error_var": max_relative_error(predicted.var, measured.var),
         "max_rel_error_grad_var": max_relative_error(predicted.grad_var, measured.grad_var),
+        "max_rel_error_grad_var_above_2": max_relative_error(
+            predicted.grad_var[2:], measured.grad_var[2:]
+        ),
+        "token_groups": {
+            kind: token_group_profile(profile.grad_var_by_position)
+            for kind, profile in (("predicted", predicted), ("measured", measured))
+        },
+    }
+
+
+def token_group_profile(by_position: np.ndarray) -> dict[str, list[float]]:
+    """Per-layer gradient variance of token 0, token 1 and the second half of the sequence."""
+    half = by_position.shape[1] // 2
+    return {
+        "token 0": by_position[:, 0].tolist(),
+        "token 1": by_position[:, 1].tolist(),
+        "tokens L/2..L": by_position[:, half:].mean(axis=1).tolist(),
     }
 
 
@@ -133,7 +150,7 @@ def plot_whole_model(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 3, figsize=(15, 4 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 4, figsize=(20, 4 * len(results)), squeeze=False)
     for row, result in zip(axes, results, strict=True):
         layers = np.arange(result["layers"] + 1)
         panels = [
@@ -141,7 +158,7 @@ def plot_whole_model(results: list[dict], path: str) -> None:
             ("corr", "inter-token correlation", False),
             ("grad_var", "gradient variance", True),
         ]
-        for ax, (name, title, log) in zip(row, panels, strict=True):
+        for ax, (name, title, log) in zip(row[:3], panels, strict=True):
             ax.plot(layers, result["measured"][name], "o", ms=3, label="measured")
             ax.plot(layers, result["predicted"][name], "-", label="predicted")
             ax.set_title(f"{result['scheme']} {result['placement']}-LN: {title}")
@@ -149,6 +166,15 @@ def plot_whole_model(results: list[dict], path: str) -> None:
             if log:
                 ax.set_yscale("log")
             ax.legend()
+        ax = row[3]
+        groups = result["token_groups"]
+        for (name, values), color in zip(groups["measured"].items(), "bgr", strict=True):
+            ax.plot(layers, values, "o", ms=3, color=color, label=f"{name} measured")
+            ax.plot(layers, groups["predicted"][name], "-", color=color, label="predicted")
+        ax.set_title(f"{result['placement']}-LN: gradient variance by token position")
+        ax.set_xlabel("layer")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -187,7 +213,8 @@ def main() -> None:
             print(
                 f"{r['scheme']} {r['placement']}-LN, {r['layers']} layers: max error "
                 f"forward var {100 * r['max_rel_error_var']:.1f}%, "
-                f"gradient var {100 * r['max_rel_error_grad_var']:.1f}%"
+                f"gradient var {100 * r['max_rel_error_grad_var']:.1f}% "
+                f"({100 * r['max_rel_error_grad_var_above_2']:.1f}% from layer 2 up)"
             )
         with open(os.path.join(args.figdir, f"signal_propagation_{args.layers}l.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -289,12 +289,24 @@ class _Head:
         om1 = (m * f["M2"] - f["ZP"]) / (m - 1)
         return om1, (m * m * f["M2"] - 2 * m * f["ZP"] + f["ZP4"]) / (m - 1) ** 2
 
-    def forward(self) -> tuple[float, float]:
-        """(variance, inter-token covariance) of the context A V."""
-        f, r, p, d_in, length = self.f, self.r, self.p, self.d_in, self.length
+    def row_variances(self) -> np.ndarray:
+        """Variance of the context at each query row (length L): causal rows differ, row 0
+        (one key) passes its own value through unaveraged."""
+        f, r, p, d_in = self.f, self.r, self.p, self.d_in
         sv2, om1 = self.proj_var(self.sigma_v), self.omegas[0]
         own = f["Z2"] / d_in + (1 - 1 / d_in) * om1 / (1 - p) + p / (1 - p) * f["ZP"] / d_in
-        var = np.mean(r * sv2 * (1 + p / (1 - p) * f["M2"]) + (1 - r) * sv2 * own)
+        return r * sv2 * (1 + p / (1 - p) * f["M2"]) + (1 - r) * sv2 * own
+
+    def forward(self) -> tuple[float, float]:
+        """(variance, inter-token covariance) of the context A V."""
+        f, r, sv2, d_in, length = (
+            self.f,
+            self.r,
+            self.proj_var(self.sigma_v),
+            self.d_in,
+            self.length,
+        )
+        var = np.mean(self.row_variances())
         coh = np.sqrt(np.maximum(f["Z2"] - f["M2"], 0.0) / d_in)
         pair_sum = self.pairs[0] + r * (coh.sum() ** 2 - (coh**2).sum())
         return float(var), float(r * sv2 + (1 - r) * sv2 * pair_sum / (length * (length - 1)))
@@ -332,6 +344,36 @@ class _Head:
         )
         total_sq = column_sum + query_rows.sum() + query_pairs
         return float(total / length), float((total_sq - total) / (length * (length - 1)))
+
+    def backward_covariance(self, cov: np.ndarray) -> np.ndarray:
+        """Position-resolved `backward`: the (L, L) token covariance of dLoss/dX (per feature,
+        per unit W_v fan) from that of the context gradient, `cov` (any token structure).
+
+        Value path: a_j = sum_i A_ij g_i with E A_ij = 1/n_i on the n_i keys row i sees (keys
+        exchangeable), so Cov a = Abar^T cov Abar, plus the attention-weight fluctuation
+        E A_ij^2 - Abar_ij^2 = (M2_i/(1-p) - 1/n_i)/n_i on the diagonal. Query path: row i's
+        own gradient, at token i; key path: row i's weight spread over the keys it sees (both
+        the r_g = 0 forms of `backward`). In a causal stack this is what sets the first tokens
+        apart: token 0 is seen by every row, and every row's gradient reaches it.
+        """
+        f, r, p, d_k, d_in, length = self.f, self.r, self.p, self.d_k, self.d_in, self.length
+        sq2, sk2, sv2 = (self.proj_var(s) for s in (self.sigma_q, self.sigma_k, self.sigma_v))
+        m2, om1, om2 = f["M2"], *self.omegas
+        c_p = (1 - r + r * p) / (1 - p)
+        n = np.arange(1, length + 1) if self.causal else np.full(length, length)
+        seen = np.tril(np.ones((length, length))) if self.causal else np.ones((length, length))
+        mean_attention = seen / n[:, None]
+        own = np.diag(cov)
+        value = mean_attention.T @ cov @ mean_attention + np.diag(
+            seen.T @ ((m2 / (1 - p) - 1 / n) / n * own)
+        )
+        key = self.sigma_k**2 * sq2 * sv2 * c_p * f["F1q"] * np.divide(om1, m2) / self.sigma_v**2
+        query = (self.sigma_q**2 * sk2 * (1 - r) * sv2 / (d_k * self.sigma_v**2)) * (
+            c_p * ((d_k - 1) * f["F1"] * np.divide(om2, m2) + f["F3"])
+            + (1 - r) * (d_k / d_in) * f["F2"]
+        )
+        paths = value + np.diag(seen.T @ (key / n * own) + query * own)
+        return d_k * self.sigma_v**2 * paths
 
 
 def _check(length: int, p: float) -> None:
@@ -401,6 +443,15 @@ def mha_forward(
     return _signal(gain * var, gain * cov)
 
 
+def mha_forward_by_row(
+    x: Signal, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float, sigma_v: float,
+    sigma_o: float, p_attn: float, causal: bool,
+) -> np.ndarray:  # fmt: skip
+    """Per-token output variance of `MultiHeadAttention` (its mean is `mha_forward`'s var)."""
+    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    return heads * head.d_k * sigma_o**2 * head.row_variances()
+
+
 def mha_backward(
     x: Signal, g: Grad, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float,
     sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
@@ -409,3 +460,13 @@ def mha_backward(
     head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     var, cov = head.backward(Grad(var=d * sigma_o**2 * g.var, corr=g.corr))
     return Grad(var=heads * var, corr=cov / var if var > 0 else 0.0)
+
+
+def mha_backward_covariance(
+    x: Signal, cov: np.ndarray, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float,
+    sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
+) -> np.ndarray:  # fmt: skip
+    """(L, L) token covariance of dLoss/dx of `MultiHeadAttention` from that of its output
+    gradient (`_Head.backward_covariance`; W_o^T multiplies it by d sigma_o^2, heads add)."""
+    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    return heads * head.backward_covariance(d * sigma_o**2 * np.asarray(cov, float))

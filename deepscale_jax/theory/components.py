@@ -54,7 +54,8 @@ def shared_row_correlation(share_probs: Sequence[float], variances: Sequence[flo
 
 
 def _corr(cov: float, var: float) -> float:
-    return cov / var if var > 0 else 0.0
+    """cov / var, clipped to [-1, 1] (rounding can push a collapsed stream's ratio past 1)."""
+    return min(1.0, max(-1.0, cov / var)) if var > 0 else 0.0
 
 
 def linear_forward(x: Signal, *, d_in: int, d_out: int, sigma_w: float) -> Signal:

@@ -155,6 +155,15 @@ def estimate(y: jax.Array, token_axis: int = -2) -> tuple[float, float, float]:
     return mean, var, cov
 
 
+def token_covariance(y: jax.Array, token_axis: int = -2) -> np.ndarray:
+    """(L, L) covariance matrix over tokens, every other axis indexing i.i.d. samples, around
+    per-token means: the full matrix whose mean off-diagonal entry `estimate` returns."""
+    y = jnp.moveaxis(jnp.asarray(y, jnp.float32), token_axis, -1)
+    samples = y.reshape(-1, y.shape[-1])
+    centred = samples - jnp.mean(samples, axis=0, keepdims=True)
+    return np.asarray(centred.T @ centred) / (samples.shape[0] - 1)
+
+
 def measure(
     fn: Callable[[jax.Array], jax.Array],
     key: jax.Array,

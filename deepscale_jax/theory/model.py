@@ -26,7 +26,7 @@ from deepscale_jax.metrics import token_cross_entropy
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.stack import per_layer_params
 from deepscale_jax.theory import attention, components
-from deepscale_jax.theory.measure import Grad, Signal, estimate
+from deepscale_jax.theory.measure import Grad, Signal, estimate, token_covariance
 
 WEIGHT_NAMES = ("kernel",)
 
@@ -41,16 +41,20 @@ class Profile:
     grad_var: np.ndarray
     grad_corr: np.ndarray
     weight_grad_norm: np.ndarray | None = None
+    grad_var_by_position: np.ndarray | None = None  # (N + 1, L)
+    top_grad_covariance: np.ndarray | None = None  # (L, L), measured only: the backward anchor
 
-    def to_json(self) -> dict[str, list[float] | None]:
+    def to_json(self) -> dict[str, list | None]:
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "top_grad_covariance"]
         return {
-            f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).tolist())
-            for f in dataclasses.fields(self)
+            name: (None if getattr(self, name) is None else getattr(self, name).tolist())
+            for name in fields
         }
 
 
 Forward = Callable[[Signal], Signal]
 Backward = Callable[[Signal, Grad], Grad]
+CovarianceBackward = Callable[[Signal, np.ndarray], np.ndarray]
 
 NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
     "layer_norm": (components.layernorm_forward, components.layernorm_backward),
@@ -70,6 +74,8 @@ class Sublayer:
     lam: float
     beta: float
     placement: str
+    branch_backward_covariance: CovarianceBackward | None = None
+    branch_forward_by_row: Callable[[Signal], np.ndarray] | None = None
 
     def forward(self, x: Signal) -> tuple[Signal, tuple]:
         """Output moments and what the backward map needs (the inputs of each piece)."""
@@ -102,6 +108,57 @@ class Sublayer:
         return components.residual_backward(
             x, g_merged, g_block=g_branch, lam=self.lam, beta=self.beta
         )
+
+    def forward_by_position(self, cache: tuple, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token residual variance after the sublayer from that before it (`var`, length L),
+        and the per-token variance at the sublayer's norm input (what its backward divides by).
+        Only the attention branch differs between tokens (short causal rows average less)."""
+        x, h_or_merged, b = cache
+        branch_input = h_or_merged if self.placement == "pre" else x
+        rows = (
+            self.branch_forward_by_row(branch_input)
+            if self.branch_forward_by_row is not None
+            else np.full_like(var, b.var)
+        )
+        merged = self.lam**2 * var + self.beta**2 * rows / (1.0 - self.p)
+        if self.placement == "pre":
+            return merged, var
+        out = self.norm_forward(Signal(0.0, 1.0, 0.0)).var  # per-token norm: unit at any input
+        return np.full_like(var, out), merged
+
+    def _branch_covariance(self, x: Signal, cov: np.ndarray) -> np.ndarray:
+        if self.branch_backward_covariance is not None:
+            return self.branch_backward_covariance(x, cov)
+        return _tokenwise(lambda g: self.branch_backward(x, g), cov)
+
+    def backward_covariance(
+        self, cache: tuple, cov: np.ndarray, norm_input_var: np.ndarray
+    ) -> np.ndarray:
+        """`backward` for the (L, L) token covariance of the gradient (per feature): token-wise
+        pieces scale its diagonal and off-diagonal by their mean-field variance and covariance
+        gains, the attention branch mixes tokens (attention.mha_backward_covariance), and the
+        norm divides token i's gradient by its own input std (`norm_input_var`, per token)."""
+
+        def norm(x: Signal, c: np.ndarray) -> np.ndarray:
+            scale = np.sqrt(x.var / np.asarray(norm_input_var))
+            return _tokenwise(lambda g: self.norm_backward(x, g), c) * np.outer(scale, scale)
+
+        if self.placement == "pre":
+            x, h, _ = cache
+            g_branch = norm(x, self._branch_covariance(h, cov / (1.0 - self.p)))
+            return self.lam**2 * cov + self.beta**2 * g_branch
+        x, merged, _ = cache
+        g_merged = norm(merged, cov)
+        g_branch = self._branch_covariance(x, g_merged / (1.0 - self.p))
+        return self.lam**2 * g_merged + self.beta**2 * g_branch
+
+
+def _tokenwise(backward: Callable[[Grad], Grad], cov: np.ndarray) -> np.ndarray:
+    """A token-wise linear backward map applied to a token covariance matrix: its variance gain
+    on the diagonal, its covariance gain off it (both read off the mean-field map)."""
+    probe = backward(Grad(1.0, 0.5))
+    var_gain, cov_gain = probe.var, probe.cov / 0.5
+    return cov_gain * cov + (var_gain - cov_gain) * np.diag(np.diag(cov))
 
 
 def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -> list[Sublayer]:
@@ -143,6 +200,10 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
             lambda x: attention.mha_forward(x, **attn_kw),
             lambda x, g: attention.mha_backward(x, g, **attn_kw),
             **common,
+            branch_backward_covariance=lambda x, c: attention.mha_backward_covariance(
+                x, c, **attn_kw
+            ),
+            branch_forward_by_row=lambda x: attention.mha_forward_by_row(x, **attn_kw),
         ),
         Sublayer(
             lambda x: components.ffn_forward(x, **ffn_kw),
@@ -152,34 +213,69 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
     ]
 
 
-def predict_lm(cfg: ModelConfig, scheme: Any, seq_len: int, x0: Signal, g_top: Grad) -> Profile:
-    """Predicted per-layer moments of a decoder LM at initialization.
-
-    `x0` is the stack's input (embedding output) and `g_top` the gradient at the last layer's
-    output (above it sit only the final norm and the head, which the per-layer laws do not
-    involve). Forward: the sublayer maps in order; backward: in reverse, from g_top.
-    """
-    x = x0
-    forward = [x0]
-    caches: list[tuple[Sublayer, tuple]] = []
+def _forward(
+    cfg: ModelConfig, scheme: Any, seq_len: int, x0: Signal
+) -> tuple[list[Signal], list[tuple[Sublayer, tuple]]]:
+    """Residual-stream moments after each layer, and each sublayer with its backward cache."""
+    x, forward, caches = x0, [x0], []
     for layer in range(cfg.num_layers):
         for sublayer in decoder_sublayers(cfg, scheme, layer, seq_len):
             x, cache = sublayer.forward(x)
             caches.append((sublayer, cache))
         forward.append(x)
-    g = g_top
-    grads = [g_top]
+    return forward, caches
+
+
+def predict_lm(
+    cfg: ModelConfig,
+    scheme: Any,
+    seq_len: int,
+    x0: Signal,
+    g_top: Grad,
+    g_top_covariance: np.ndarray | None = None,
+) -> Profile:
+    """Predicted per-layer moments of a decoder LM at initialization.
+
+    `x0` is the stack's input (embedding output) and `g_top` the gradient at the last layer's
+    output (above it sit only the final norm and the head, which the per-layer laws do not
+    involve). Forward: the sublayer maps in order; backward: in reverse, from g_top.
+
+    With `g_top_covariance` (the (L, L) token covariance of the top gradient, per feature), the
+    gradient is also propagated position-resolved (`Sublayer.backward_covariance`): in a causal
+    stack token i
+    attends to i + 1 tokens only, so the first tokens' gradients obey different laws from the
+    rest (token 0's attention is a plain linear map) and the token average, which the
+    measurement reports, is no longer the mean-field value. `grad_var` is then that average.
+    """
+    forward, caches = _forward(cfg, scheme, seq_len, x0)
+    g, grads = g_top, [g_top]
+    covs = None if g_top_covariance is None else [np.asarray(g_top_covariance, float)]
+    norm_input_vars = []
+    if covs is not None:
+        var = np.full(seq_len, x0.var)
+        for sublayer, cache in caches:
+            var, norm_input = sublayer.forward_by_position(cache, var)
+            norm_input_vars.append(norm_input)
     for index in range(len(caches) - 1, -1, -1):
         sublayer, cache = caches[index]
         g = sublayer.backward(cache, g)
+        if covs is not None:
+            covs.append(sublayer.backward_covariance(cache, covs[-1], norm_input_vars[index]))
         if index % 2 == 0:  # the input of an attention sublayer = the output of a layer
             grads.append(g)
     grads.reverse()
+    grad_var = np.asarray([g.var for g in grads])
+    per_position = None
+    if covs is not None:
+        layer_covs = covs[::2][::-1]  # layer outputs: every 2nd sublayer, bottom up
+        per_position = np.asarray([np.diag(c) for c in layer_covs])
+        grad_var = per_position.mean(axis=1)
     return Profile(
         var=np.asarray([s.var for s in forward]),
         corr=np.asarray([s.corr for s in forward]),
-        grad_var=np.asarray([g.var for g in grads]),
+        grad_var=grad_var,
         grad_corr=np.asarray([g.corr for g in grads]),
+        grad_var_by_position=per_position,
     )
 
 
@@ -248,8 +344,18 @@ def measure_lm(model: nn.Module, params: dict, tokens: jax.Array, targets: jax.A
         return [embed, *_layer_streams(tree, num_layers, name)]
 
     var, corr = _stack_profile(with_embedding(inter, "residual"))
-    grad_var, grad_corr = _stack_profile(with_embedding(stream_grads, "residual"))
-    return Profile(var, corr, grad_var, grad_corr, weight_grad_norms(param_grads, num_layers))
+    grad_streams = with_embedding(stream_grads, "residual")
+    grad_var, grad_corr = _stack_profile(grad_streams)
+    by_position = np.asarray([np.var(np.asarray(s), axis=(0, 2)) for s in grad_streams])
+    return Profile(
+        var,
+        corr,
+        grad_var,
+        grad_corr,
+        weight_grad_norms(param_grads, num_layers),
+        by_position,
+        token_covariance(grad_streams[-1]),
+    )
 
 
 def predicted_and_measured(
@@ -260,7 +366,14 @@ def predicted_and_measured(
     measured = measure_lm(model, params, tokens, targets)
     x0 = Signal(0.0, float(measured.var[0]), float(measured.corr[0]))
     g_top = Grad(float(measured.grad_var[-1]), float(measured.grad_corr[-1]))
-    predicted = predict_lm(model.config, model.scheme, tokens.shape[1], x0, g_top)
+    predicted = predict_lm(
+        model.config,
+        model.scheme,
+        tokens.shape[1],
+        x0,
+        g_top,
+        g_top_covariance=measured.top_grad_covariance,
+    )
     return predicted, measured
 
 
