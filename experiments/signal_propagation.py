@@ -127,6 +127,9 @@ def whole_model(
         "max_rel_error_grad_var_above_2": max_relative_error(
             predicted.grad_var[2:], measured.grad_var[2:]
         ),
+        "max_rel_error_weight_grad_norm": max_relative_error(
+            predicted.weight_grad_norm, measured.weight_grad_norm
+        ),
         "token_groups": {
             kind: token_group_profile(profile.grad_var_by_position)
             for kind, profile in (("predicted", predicted), ("measured", measured))
@@ -150,7 +153,7 @@ def plot_whole_model(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 4, figsize=(20, 4 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 5, figsize=(25, 4 * len(results)), squeeze=False)
     for row, result in zip(axes, results, strict=True):
         layers = np.arange(result["layers"] + 1)
         panels = [
@@ -166,6 +169,13 @@ def plot_whole_model(results: list[dict], path: str) -> None:
             if log:
                 ax.set_yscale("log")
             ax.legend()
+        ax = row[4]
+        for kind, style in (("measured", "o"), ("predicted", "-")):
+            ax.plot(layers[1:], result[kind]["weight_grad_norm"], style, ms=3, label=kind)
+        ax.set_title(f"{result['placement']}-LN: weight-gradient norm per layer")
+        ax.set_xlabel("layer")
+        ax.set_yscale("log")
+        ax.legend()
         ax = row[3]
         groups = result["token_groups"]
         for (name, values), color in zip(groups["measured"].items(), "bgr", strict=True):
@@ -214,7 +224,8 @@ def main() -> None:
                 f"{r['scheme']} {r['placement']}-LN, {r['layers']} layers: max error "
                 f"forward var {100 * r['max_rel_error_var']:.1f}%, "
                 f"gradient var {100 * r['max_rel_error_grad_var']:.1f}% "
-                f"({100 * r['max_rel_error_grad_var_above_2']:.1f}% from layer 2 up)"
+                f"({100 * r['max_rel_error_grad_var_above_2']:.1f}% from layer 2 up), "
+                f"weight-gradient norm {100 * r['max_rel_error_weight_grad_norm']:.1f}%"
             )
         with open(os.path.join(args.figdir, f"signal_propagation_{args.layers}l.json"), "w") as f:
             json.dump(results, f, indent=1)

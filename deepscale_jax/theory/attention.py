@@ -345,16 +345,18 @@ class _Head:
         total_sq = column_sum + query_rows.sum() + query_pairs
         return float(total / length), float((total_sq - total) / (length * (length - 1)))
 
-    def backward_covariance(self, cov: np.ndarray) -> np.ndarray:
-        """Position-resolved `backward`: the (L, L) token covariance of dLoss/dX (per feature,
-        per unit W_v fan) from that of the context gradient, `cov` (any token structure).
+    def projection_gradients(self, cov: np.ndarray) -> dict[str, np.ndarray]:
+        """Position-resolved gradients of the head's values, queries and keys (per element)
+        from the (L, L) token covariance `cov` of the context gradient (any token structure):
+        "value" the (L, L) token covariance of dV, "query" and "key" the per-token variances of
+        dQ and dK (taken as uncorrelated across tokens, the r_g = 0 forms of `backward`).
 
-        Value path: a_j = sum_i A_ij g_i with E A_ij = 1/n_i on the n_i keys row i sees (keys
-        exchangeable), so Cov a = Abar^T cov Abar, plus the attention-weight fluctuation
+        Value path: dV_j = sum_i A_ij g_i with E A_ij = 1/n_i on the n_i keys row i sees (keys
+        exchangeable), so Cov dV = Abar^T cov Abar, plus the attention-weight fluctuation
         E A_ij^2 - Abar_ij^2 = (M2_i/(1-p) - 1/n_i)/n_i on the diagonal. Query path: row i's
-        own gradient, at token i; key path: row i's weight spread over the keys it sees (both
-        the r_g = 0 forms of `backward`). In a causal stack this is what sets the first tokens
-        apart: token 0 is seen by every row, and every row's gradient reaches it.
+        own gradient, at token i; key path: row i's weight spread over the keys it sees. In a
+        causal stack this is what sets the first tokens apart: token 0 is seen by every row,
+        and every row's gradient reaches it.
         """
         f, r, p, d_k, d_in, length = self.f, self.r, self.p, self.d_k, self.d_in, self.length
         sq2, sk2, sv2 = (self.proj_var(s) for s in (self.sigma_q, self.sigma_k, self.sigma_v))
@@ -367,13 +369,21 @@ class _Head:
         value = mean_attention.T @ cov @ mean_attention + np.diag(
             seen.T @ ((m2 / (1 - p) - 1 / n) / n * own)
         )
-        key = self.sigma_k**2 * sq2 * sv2 * c_p * f["F1q"] * np.divide(om1, m2) / self.sigma_v**2
-        query = (self.sigma_q**2 * sk2 * (1 - r) * sv2 / (d_k * self.sigma_v**2)) * (
+        key_rows = sq2 * sv2 * c_p * f["F1q"] * np.divide(om1, m2)
+        query_rows = (sk2 * (1 - r) * sv2 / d_k) * (
             c_p * ((d_k - 1) * f["F1"] * np.divide(om2, m2) + f["F3"])
             + (1 - r) * (d_k / d_in) * f["F2"]
         )
-        paths = value + np.diag(seen.T @ (key / n * own) + query * own)
-        return d_k * self.sigma_v**2 * paths
+        return {"value": value, "query": query_rows * own, "key": seen.T @ (key_rows / n * own)}
+
+    def backward_covariance(self, cov: np.ndarray) -> np.ndarray:
+        """Position-resolved `backward`: the (L, L) token covariance of dLoss/dX through this
+        head, dX = W_v dV + W_q dQ + W_k dK (`projection_gradients`)."""
+        grads = self.projection_gradients(cov)
+        fan = lambda sigma: self.d_k * sigma**2
+        return fan(self.sigma_v) * grads["value"] + np.diag(
+            fan(self.sigma_q) * grads["query"] + fan(self.sigma_k) * grads["key"]
+        )
 
 
 def _check(length: int, p: float) -> None:
@@ -423,7 +433,7 @@ def sha_backward(
     return Grad(var=var, corr=cov / var if var > 0 else 0.0)
 
 
-def _mha_head(
+def mha_head(
     x: Signal, d: int, heads: int, L: int, sq: float, sk: float, sv: float, p: float, causal: bool
 ) -> _Head:
     _check(L, p)
@@ -437,7 +447,7 @@ def mha_forward(
     sigma_o: float, p_attn: float, causal: bool,
 ) -> Signal:  # fmt: skip
     """Output moments of `nn.attention.MultiHeadAttention` (zero biases) on a LayerNorm output x."""
-    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     var, cov = head.forward()
     gain = heads * head.d_k * sigma_o**2
     return _signal(gain * var, gain * cov)
@@ -448,7 +458,7 @@ def mha_forward_by_row(
     sigma_o: float, p_attn: float, causal: bool,
 ) -> np.ndarray:  # fmt: skip
     """Per-token output variance of `MultiHeadAttention` (its mean is `mha_forward`'s var)."""
-    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     return heads * head.d_k * sigma_o**2 * head.row_variances()
 
 
@@ -457,7 +467,7 @@ def mha_backward(
     sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
 ) -> Grad:  # fmt: skip
     """dLoss/dx moments of `MultiHeadAttention` given the output-gradient moments g."""
-    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     var, cov = head.backward(Grad(var=d * sigma_o**2 * g.var, corr=g.corr))
     return Grad(var=heads * var, corr=cov / var if var > 0 else 0.0)
 
@@ -468,5 +478,5 @@ def mha_backward_covariance(
 ) -> np.ndarray:  # fmt: skip
     """(L, L) token covariance of dLoss/dx of `MultiHeadAttention` from that of its output
     gradient (`_Head.backward_covariance`; W_o^T multiplies it by d sigma_o^2, heads add)."""
-    head = _mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     return heads * head.backward_covariance(d * sigma_o**2 * np.asarray(cov, float))

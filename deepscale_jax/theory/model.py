@@ -27,6 +27,11 @@ from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.stack import per_layer_params
 from deepscale_jax.theory import attention, components
 from deepscale_jax.theory.measure import Grad, Signal, estimate, token_covariance
+from deepscale_jax.theory.weight_gradients import (
+    attention_weight_grad_sq,
+    ffn_weight_grad_sq,
+    tokenwise,
+)
 
 WEIGHT_NAMES = ("kernel",)
 
@@ -59,7 +64,29 @@ CovarianceBackward = Callable[[Signal, np.ndarray], np.ndarray]
 NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
     "layer_norm": (components.layernorm_forward, components.layernorm_backward),
     "rms_norm": (components.rmsnorm_forward, components.rmsnorm_backward),
+    "none": (lambda x, **_: x, lambda x, g, **_: g),
 }
+
+
+def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward]:
+    """The norm's moment maps followed by the fixed multiplier `scale` (`scheme.norm_scale`):
+    variance and gradient variance both times scale^2."""
+    if cfg.norm not in NORM_MAPS:
+        raise ValueError(
+            f"no moment maps for model.norm={cfg.norm!r}; have: {', '.join(NORM_MAPS)}"
+        )
+    norm_f, norm_b = NORM_MAPS[cfg.norm]
+    kw = dict(d=cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(x: Signal) -> Signal:
+        y = norm_f(x, **kw)
+        return Signal(y.mean * scale, y.var * scale**2, y.corr)
+
+    def backward(x: Signal, g: Grad) -> Grad:
+        out = norm_b(x, Grad(g.var * scale**2, g.corr), **kw)
+        return out
+
+    return forward, backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +103,8 @@ class Sublayer:
     placement: str
     branch_backward_covariance: CovarianceBackward | None = None
     branch_forward_by_row: Callable[[Signal], np.ndarray] | None = None
+    branch_weight_grads: Callable[[Signal, np.ndarray, int], float] | None = None
+    normalizes: bool = True  # the norm divides by its input's std (not the identity)
 
     def forward(self, x: Signal) -> tuple[Signal, tuple]:
         """Output moments and what the backward map needs (the inputs of each piece)."""
@@ -129,43 +158,59 @@ class Sublayer:
     def _branch_covariance(self, x: Signal, cov: np.ndarray) -> np.ndarray:
         if self.branch_backward_covariance is not None:
             return self.branch_backward_covariance(x, cov)
-        return _tokenwise(lambda g: self.branch_backward(x, g), cov)
+        return tokenwise(lambda g: self.branch_backward(x, g), cov)
 
     def backward_covariance(
         self, cache: tuple, cov: np.ndarray, norm_input_var: np.ndarray
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`backward` for the (L, L) token covariance of the gradient (per feature): token-wise
         pieces scale its diagonal and off-diagonal by their mean-field variance and covariance
         gains, the attention branch mixes tokens (attention.mha_backward_covariance), and the
-        norm divides token i's gradient by its own input std (`norm_input_var`, per token)."""
+        norm divides token i's gradient by its own input std (`norm_input_var`, per token).
+        Returns (covariance at the sublayer input, covariance at the branch output)."""
 
         def norm(x: Signal, c: np.ndarray) -> np.ndarray:
+            out = tokenwise(lambda g: self.norm_backward(x, g), c)
+            if not self.normalizes:
+                return out
             scale = np.sqrt(x.var / np.asarray(norm_input_var))
-            return _tokenwise(lambda g: self.norm_backward(x, g), c) * np.outer(scale, scale)
+            return out * np.outer(scale, scale)
+
+        def dropout(b: Signal, c: np.ndarray) -> np.ndarray:
+            return tokenwise(lambda g: components.dropout_backward(b, g, p=self.p), c)
 
         if self.placement == "pre":
-            x, h, _ = cache
-            g_branch = norm(x, self._branch_covariance(h, cov / (1.0 - self.p)))
-            return self.lam**2 * cov + self.beta**2 * g_branch
-        x, merged, _ = cache
+            x, h, b = cache
+            g_b = dropout(b, cov)
+            g_branch = norm(x, self._branch_covariance(h, g_b))
+            return self.lam**2 * cov + self.beta**2 * g_branch, self.beta**2 * g_b
+        x, merged, b = cache
         g_merged = norm(merged, cov)
-        g_branch = self._branch_covariance(x, g_merged / (1.0 - self.p))
-        return self.lam**2 * g_merged + self.beta**2 * g_branch
+        g_b = dropout(b, g_merged)
+        g_branch = self._branch_covariance(x, g_b)
+        return self.lam**2 * g_merged + self.beta**2 * g_branch, self.beta**2 * g_b
 
-
-def _tokenwise(backward: Callable[[Grad], Grad], cov: np.ndarray) -> np.ndarray:
-    """A token-wise linear backward map applied to a token covariance matrix: its variance gain
-    on the diagonal, its covariance gain off it (both read off the mean-field map)."""
-    probe = backward(Grad(1.0, 0.5))
-    var_gain, cov_gain = probe.var, probe.cov / 0.5
-    return cov_gain * cov + (var_gain - cov_gain) * np.diag(np.diag(cov))
+    def weight_grad_sq(self, cache: tuple, branch_grad: np.ndarray, batch: int) -> float:
+        """E sum |dL/dW|^2 over `batch` sequences and the branch's weight matrices
+        (weight_gradients.py), from the gradient covariance at the branch output
+        (`backward_covariance`'s second)."""
+        if self.branch_weight_grads is None:
+            return 0.0
+        x, h_or_merged, _ = cache
+        branch_input = h_or_merged if self.placement == "pre" else x
+        return self.branch_weight_grads(branch_input, branch_grad, batch)
 
 
 def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -> list[Sublayer]:
-    """The attention and FFN sublayers of decoder layer `layer`, as nn/block.py builds them:
-    stds from `scheme.std(role, layer)`, (lambda, beta) from `scheme.residual(layer)`."""
+    """The attention and FFN sublayers of decoder layer `layer`, as nn/block.py builds them,
+    through the same scheme hooks: stds from `scheme.std(role, layer)`, (lambda, beta) from
+    `scheme.residual(layer)` (beta times the zero-initialised gate if `learned_residual`), the
+    norm's output times `scheme.norm_scale(layer)`."""
     std = lambda role: float(scheme.std(role, layer))
     lam, beta = (float(c) for c in scheme.residual(layer))
+    if getattr(scheme, "learned_residual", False):
+        beta = 0.0  # ReZero: the gate starts at 0
+    norm_scale = float(getattr(scheme, "norm_scale", lambda _: 1.0)(layer))
     attn_kw = dict(
         d=cfg.d_model,
         heads=cfg.num_heads,
@@ -185,15 +230,15 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
         activation=cfg.activation,
         p=0.0,
     )
-    norm_f, norm_b = NORM_MAPS[cfg.norm]
-    norm_kw = dict(d=cfg.d_model, eps=cfg.norm_eps)
+    norm_forward, norm_backward = _norm_maps(cfg, norm_scale)
     common = dict(
-        norm_forward=lambda x: norm_f(x, **norm_kw),
-        norm_backward=lambda x, g: norm_b(x, g, **norm_kw),
+        norm_forward=norm_forward,
+        norm_backward=norm_backward,
         p=cfg.dropout,
         lam=lam,
         beta=beta,
         placement=cfg.norm_placement,
+        normalizes=cfg.norm != "none",
     )
     return [
         Sublayer(
@@ -204,11 +249,13 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
                 x, c, **attn_kw
             ),
             branch_forward_by_row=lambda x: attention.mha_forward_by_row(x, **attn_kw),
+            branch_weight_grads=lambda h, c, b: attention_weight_grad_sq(h, c, b, **attn_kw),
         ),
         Sublayer(
             lambda x: components.ffn_forward(x, **ffn_kw),
             lambda x, g: components.ffn_backward(x, g, **ffn_kw),
             **common,
+            branch_weight_grads=lambda h, c, b: ffn_weight_grad_sq(h, c, b, **ffn_kw),
         ),
     ]
 
@@ -233,6 +280,7 @@ def predict_lm(
     x0: Signal,
     g_top: Grad,
     g_top_covariance: np.ndarray | None = None,
+    batch: int = 1,
 ) -> Profile:
     """Predicted per-layer moments of a decoder LM at initialization.
 
@@ -245,7 +293,9 @@ def predict_lm(
     stack token i
     attends to i + 1 tokens only, so the first tokens' gradients obey different laws from the
     rest (token 0's attention is a plain linear map) and the token average, which the
-    measurement reports, is no longer the mean-field value. `grad_var` is then that average.
+    measurement reports, is no longer the mean-field value. `grad_var` is then that average,
+    and the per-layer weight-gradient norms for `batch` sequences are predicted as well
+    (weight_gradients.py).
     """
     forward, caches = _forward(cfg, scheme, seq_len, x0)
     g, grads = g_top, [g_top]
@@ -256,17 +306,21 @@ def predict_lm(
         for sublayer, cache in caches:
             var, norm_input = sublayer.forward_by_position(cache, var)
             norm_input_vars.append(norm_input)
+    weight_sq = np.zeros(cfg.num_layers)
     for index in range(len(caches) - 1, -1, -1):
         sublayer, cache = caches[index]
         g = sublayer.backward(cache, g)
         if covs is not None:
-            covs.append(sublayer.backward_covariance(cache, covs[-1], norm_input_vars[index]))
+            cov, branch = sublayer.backward_covariance(cache, covs[-1], norm_input_vars[index])
+            covs.append(cov)
+            weight_sq[index // 2] += sublayer.weight_grad_sq(cache, branch, batch)
         if index % 2 == 0:  # the input of an attention sublayer = the output of a layer
             grads.append(g)
     grads.reverse()
     grad_var = np.asarray([g.var for g in grads])
-    per_position = None
+    per_position, weight_grad_norm = None, None
     if covs is not None:
+        weight_grad_norm = np.sqrt(weight_sq)
         layer_covs = covs[::2][::-1]  # layer outputs: every 2nd sublayer, bottom up
         per_position = np.asarray([np.diag(c) for c in layer_covs])
         grad_var = per_position.mean(axis=1)
@@ -275,6 +329,7 @@ def predict_lm(
         corr=np.asarray([s.corr for s in forward]),
         grad_var=grad_var,
         grad_corr=np.asarray([g.corr for g in grads]),
+        weight_grad_norm=weight_grad_norm,
         grad_var_by_position=per_position,
     )
 
@@ -373,6 +428,7 @@ def predicted_and_measured(
         x0,
         g_top,
         g_top_covariance=measured.top_grad_covariance,
+        batch=tokens.shape[0],
     )
     return predicted, measured
 
