@@ -345,6 +345,14 @@ class _Head:
         total_sq = column_sum + query_rows.sum() + query_pairs
         return float(total / length), float((total_sq - total) / (length * (length - 1)))
 
+    @property
+    def mean_attention(self) -> np.ndarray:
+        """E A: 1/n_i on the n_i keys row i sees (keys are exchangeable at initialization)."""
+        length = self.length
+        if not self.causal:
+            return np.full((length, length), 1.0 / length)
+        return np.tril(np.ones((length, length))) / np.arange(1, length + 1)[:, None]
+
     def projection_gradients(self, cov: np.ndarray) -> dict[str, np.ndarray]:
         """Position-resolved gradients of the head's values, queries and keys (per element)
         from the (L, L) token covariance `cov` of the context gradient (any token structure):
@@ -364,7 +372,7 @@ class _Head:
         c_p = (1 - r + r * p) / (1 - p)
         n = np.arange(1, length + 1) if self.causal else np.full(length, length)
         seen = np.tril(np.ones((length, length))) if self.causal else np.ones((length, length))
-        mean_attention = seen / n[:, None]
+        mean_attention = self.mean_attention
         own = np.diag(cov)
         value = mean_attention.T @ cov @ mean_attention + np.diag(
             seen.T @ ((m2 / (1 - p) - 1 / n) / n * own)
@@ -460,6 +468,31 @@ def mha_forward_by_row(
     """Per-token output variance of `MultiHeadAttention` (its mean is `mha_forward`'s var)."""
     head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     return heads * head.d_k * sigma_o**2 * head.row_variances()
+
+
+def mha_cross_forward(
+    x: Signal, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float, sigma_v: float,
+    sigma_o: float, p_attn: float, causal: bool,
+) -> float:  # fmt: skip
+    """Output covariance of `MultiHeadAttention` between tokens of two *different* sequences
+    whose inputs have covariance x.cov (and mean x.mean): attention rows sum to 1 and the two
+    sequences' attention weights are independent, so only the shared part passes:
+    d sigma_o^2 d sigma_v^2 (x.cov + x.mean^2)."""
+    _check(L, p_attn)
+    return d * sigma_o**2 * d * sigma_v**2 * (x.cov + x.mean**2)
+
+
+def mha_backward_cross(
+    x: Signal, cov: np.ndarray, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float,
+    sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
+) -> np.ndarray:  # fmt: skip
+    """(L, L) cross-sequence covariance of dLoss/dx of `MultiHeadAttention` from that of its
+    output gradient: the value path through the mean attention of each sequence,
+    d sigma_v^2 Abar^T (d sigma_o^2 cov) Abar (the query/key paths and the attention-weight
+    fluctuations are independent between sequences)."""
+    head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    a = head.mean_attention
+    return d * sigma_v**2 * a.T @ (d * sigma_o**2 * np.asarray(cov, float)) @ a
 
 
 def mha_backward(

@@ -164,6 +164,20 @@ def token_covariance(y: jax.Array, token_axis: int = -2) -> np.ndarray:
     return np.asarray(centred.T @ centred) / (samples.shape[0] - 1)
 
 
+def cross_sequence_covariance(y: jax.Array) -> np.ndarray:
+    """(T, T) covariance of y (B, T, d) between tokens of *different* sequences, per feature,
+    averaged over the B (B - 1) ordered pairs of sequences, around the same per-token means as
+    `token_covariance`. At initialization all sequences pass through the same weights, so a
+    shared component (the collapse direction, the gradient of the average prediction) makes
+    this as large as the within-sequence covariance."""
+    y = jnp.asarray(y, jnp.float32)
+    batch, _, d = y.shape
+    y = y - jnp.mean(y, axis=(0, 2), keepdims=True)
+    total = jnp.einsum("btf,csf->ts", y, y)
+    same = jnp.einsum("btf,bsf->ts", y, y)
+    return np.asarray(total - same) / (batch * (batch - 1) * d)
+
+
 def measure(
     fn: Callable[[jax.Array], jax.Array],
     key: jax.Array,

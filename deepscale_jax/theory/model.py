@@ -26,11 +26,19 @@ from deepscale_jax.metrics import token_cross_entropy
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.stack import per_layer_params
 from deepscale_jax.theory import attention, components
-from deepscale_jax.theory.measure import Grad, Signal, estimate, token_covariance
+from deepscale_jax.theory.measure import (
+    Grad,
+    Signal,
+    cross_sequence_covariance,
+    estimate,
+    token_covariance,
+)
 from deepscale_jax.theory.weight_gradients import (
     attention_weight_grad_sq,
+    cross_tokenwise,
     ffn_weight_grad_sq,
     tokenwise,
+    with_cov,
 )
 
 WEIGHT_NAMES = ("kernel",)
@@ -48,9 +56,12 @@ class Profile:
     weight_grad_norm: np.ndarray | None = None
     grad_var_by_position: np.ndarray | None = None  # (N + 1, L)
     top_grad_covariance: np.ndarray | None = None  # (L, L), measured only: the backward anchor
+    top_grad_cross: np.ndarray | None = None  # (L, L) across sequences, measured only
+    embed_cross: float | None = None  # cross-sequence covariance of the stack input, measured
 
     def to_json(self) -> dict[str, list | None]:
-        fields = [f.name for f in dataclasses.fields(self) if f.name != "top_grad_covariance"]
+        anchors = {"top_grad_covariance", "top_grad_cross", "embed_cross"}
+        fields = [f.name for f in dataclasses.fields(self) if f.name not in anchors]
         return {
             name: (None if getattr(self, name) is None else getattr(self, name).tolist())
             for name in fields
@@ -103,7 +114,9 @@ class Sublayer:
     placement: str
     branch_backward_covariance: CovarianceBackward | None = None
     branch_forward_by_row: Callable[[Signal], np.ndarray] | None = None
-    branch_weight_grads: Callable[[Signal, np.ndarray, int], float] | None = None
+    branch_weight_grads: Callable[..., float] | None = None
+    branch_cross_forward: Callable[[Signal], float] | None = None
+    branch_cross_backward: CovarianceBackward | None = None
     normalizes: bool = True  # the norm divides by its input's std (not the identity)
 
     def forward(self, x: Signal) -> tuple[Signal, tuple]:
@@ -190,15 +203,67 @@ class Sublayer:
         g_branch = self._branch_covariance(x, g_b)
         return self.lam**2 * g_merged + self.beta**2 * g_branch, self.beta**2 * g_b
 
-    def weight_grad_sq(self, cache: tuple, branch_grad: np.ndarray, batch: int) -> float:
+    def forward_cross(self, cache: tuple, cross: float) -> tuple[float, float]:
+        """Covariance between tokens of two different sequences after the sublayer, from that
+        before it (`cross`), and the branch input's (for the weight gradients). Token-wise maps
+        act on it as on any covariance; attention passes only the shared part
+        (attention.mha_cross_forward)."""
+        x, h_or_merged, _ = cache
+        branch_cross = self.branch_cross_forward or (lambda s: self.branch_forward(s).cov)
+        if self.placement == "pre":
+            h_cross = self.norm_forward(with_cov(x, cross)).cov
+            out = self.lam**2 * cross + self.beta**2 * branch_cross(with_cov(h_or_merged, h_cross))
+            return out, h_cross
+        merged = self.lam**2 * cross + self.beta**2 * branch_cross(with_cov(x, cross))
+        return self.norm_forward(with_cov(h_or_merged, merged)).cov, cross
+
+    def backward_cross(
+        self, cache: tuple, cross: np.ndarray, norm_input_var: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`backward_covariance` for the cross-sequence gradient covariance (L, L): token-wise
+        maps scale every entry by their covariance gain, attention mixes through the mean
+        attention (attention.mha_backward_cross)."""
+
+        def norm(x: Signal, c: np.ndarray) -> np.ndarray:
+            out = cross_tokenwise(lambda g: self.norm_backward(x, g), c)
+            if not self.normalizes:
+                return out
+            scale = np.sqrt(x.var / np.asarray(norm_input_var))
+            return out * np.outer(scale, scale)
+
+        def branch(x: Signal, c: np.ndarray) -> np.ndarray:
+            if self.branch_cross_backward is not None:
+                return self.branch_cross_backward(x, c)
+            return cross_tokenwise(lambda g: self.branch_backward(x, g), c)
+
+        if self.placement == "pre":
+            x, h, _ = cache
+            g_branch = norm(x, branch(h, cross))
+            return self.lam**2 * cross + self.beta**2 * g_branch, self.beta**2 * cross
+        x, merged, _ = cache
+        g_merged = norm(merged, cross)
+        g_branch = branch(x, g_merged)
+        return self.lam**2 * g_merged + self.beta**2 * g_branch, self.beta**2 * g_merged
+
+    def weight_grad_sq(
+        self,
+        cache: tuple,
+        branch_grad: np.ndarray,
+        batch: int,
+        input_cross: float,
+        branch_grad_cross: np.ndarray,
+    ) -> float:
         """E sum |dL/dW|^2 over `batch` sequences and the branch's weight matrices
-        (weight_gradients.py), from the gradient covariance at the branch output
-        (`backward_covariance`'s second)."""
+        (weight_gradients.py), from the gradient covariances at the branch output within and
+        across sequences (`backward_covariance`'s and `backward_cross`'s second) and the branch
+        input's cross-sequence covariance (`forward_cross`'s second)."""
         if self.branch_weight_grads is None:
             return 0.0
         x, h_or_merged, _ = cache
         branch_input = h_or_merged if self.placement == "pre" else x
-        return self.branch_weight_grads(branch_input, branch_grad, batch)
+        return self.branch_weight_grads(
+            branch_input, branch_grad, batch, input_cross, branch_grad_cross
+        )
 
 
 def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -> list[Sublayer]:
@@ -249,13 +314,15 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
                 x, c, **attn_kw
             ),
             branch_forward_by_row=lambda x: attention.mha_forward_by_row(x, **attn_kw),
-            branch_weight_grads=lambda h, c, b: attention_weight_grad_sq(h, c, b, **attn_kw),
+            branch_weight_grads=lambda *a: attention_weight_grad_sq(*a, **attn_kw),
+            branch_cross_forward=lambda x: attention.mha_cross_forward(x, **attn_kw),
+            branch_cross_backward=lambda x, c: attention.mha_backward_cross(x, c, **attn_kw),
         ),
         Sublayer(
             lambda x: components.ffn_forward(x, **ffn_kw),
             lambda x, g: components.ffn_backward(x, g, **ffn_kw),
             **common,
-            branch_weight_grads=lambda h, c, b: ffn_weight_grad_sq(h, c, b, **ffn_kw),
+            branch_weight_grads=lambda *a: ffn_weight_grad_sq(*a, **ffn_kw),
         ),
     ]
 
@@ -281,6 +348,8 @@ def predict_lm(
     g_top: Grad,
     g_top_covariance: np.ndarray | None = None,
     batch: int = 1,
+    g_top_cross: np.ndarray | None = None,
+    x0_cross: float = 0.0,
 ) -> Profile:
     """Predicted per-layer moments of a decoder LM at initialization.
 
@@ -295,25 +364,33 @@ def predict_lm(
     rest (token 0's attention is a plain linear map) and the token average, which the
     measurement reports, is no longer the mean-field value. `grad_var` is then that average,
     and the per-layer weight-gradient norms for `batch` sequences are predicted as well
-    (weight_gradients.py).
+    (weight_gradients.py), from the cross-sequence moments anchored at `x0_cross` (the stack
+    input's covariance between sequences) and `g_top_cross` ((L, L), the top gradient's).
     """
     forward, caches = _forward(cfg, scheme, seq_len, x0)
     g, grads = g_top, [g_top]
     covs = None if g_top_covariance is None else [np.asarray(g_top_covariance, float)]
-    norm_input_vars = []
+    norm_input_vars, input_crosses = [], []
     if covs is not None:
-        var = np.full(seq_len, x0.var)
+        var, cross = np.full(seq_len, x0.var), x0_cross
         for sublayer, cache in caches:
             var, norm_input = sublayer.forward_by_position(cache, var)
             norm_input_vars.append(norm_input)
+            cross, input_cross = sublayer.forward_cross(cache, cross)
+            input_crosses.append(input_cross)
+        grad_cross = np.zeros((seq_len, seq_len)) if g_top_cross is None else g_top_cross
     weight_sq = np.zeros(cfg.num_layers)
     for index in range(len(caches) - 1, -1, -1):
         sublayer, cache = caches[index]
         g = sublayer.backward(cache, g)
         if covs is not None:
-            cov, branch = sublayer.backward_covariance(cache, covs[-1], norm_input_vars[index])
+            norm_input = norm_input_vars[index]
+            cov, branch = sublayer.backward_covariance(cache, covs[-1], norm_input)
+            grad_cross, branch_cross = sublayer.backward_cross(cache, grad_cross, norm_input)
             covs.append(cov)
-            weight_sq[index // 2] += sublayer.weight_grad_sq(cache, branch, batch)
+            weight_sq[index // 2] += sublayer.weight_grad_sq(
+                cache, branch, batch, input_crosses[index], branch_cross
+            )
         if index % 2 == 0:  # the input of an attention sublayer = the output of a layer
             grads.append(g)
     grads.reverse()
@@ -410,6 +487,8 @@ def measure_lm(model: nn.Module, params: dict, tokens: jax.Array, targets: jax.A
         weight_grad_norms(param_grads, num_layers),
         by_position,
         token_covariance(grad_streams[-1]),
+        cross_sequence_covariance(grad_streams[-1]),
+        float(np.mean(cross_sequence_covariance(with_embedding(inter, "residual")[0]))),
     )
 
 
@@ -429,6 +508,8 @@ def predicted_and_measured(
         g_top,
         g_top_covariance=measured.top_grad_covariance,
         batch=tokens.shape[0],
+        g_top_cross=measured.top_grad_cross,
+        x0_cross=measured.embed_cross,
     )
     return predicted, measured
 

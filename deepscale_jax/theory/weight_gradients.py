@@ -3,17 +3,19 @@
 For a linear map y = x W (W: d_in x d_out) applied to the T tokens of B sequences,
 dL/dW = sum_n x_n^T g_n, and with x independent of the upstream gradient g (mean-field),
 
-    E |dL/dW|_F^2 = d_in d_out [B sum_{t, t'} X_tt' G_tt' + B (B - 1) T^2 Xbar Gbar],
+    E |dL/dW|_F^2 = d_in d_out [B sum_{t, t'} X_tt' G_tt' + B (B - 1) sum_{t, t'} X^x G^x_tt'],
 
 X_tt' = E[x_t x_t'] the per-feature token second-moment matrix of the input (mean included),
 G_tt' = E[g_t g_t'] the per-feature token covariance of the output gradient. The second term is
 the pairs of tokens from different sequences: at initialization every sequence is pushed
 through the same weights, so the component all tokens share (the direction the stream
 collapses onto, and the gradient of the loss on the average prediction) is shared across
-sequences too. Measured on the real LM, the cross-sequence covariance equals the mean
-within-sequence off-diagonal covariance for gradients (6.58e-12 vs 6.60e-12, 8-layer Pre-LN)
-and is 20% lower for the stream (6.8 vs 8.3), so Xbar and Gbar are taken as the mean
-off-diagonal entries of X and G. With B = 16 this term dominates once r is large. This is the
+sequences too (measured on the real 8-layer Pre-LN LM: cross-sequence gradient covariance
+6.58e-12 against 6.60e-12 within sequences). X^x (a scalar: tokens of different sequences are
+exchangeable) and G^x (L, L) are the cross-sequence moments, propagated by theory/model.py
+alongside the within-sequence ones, and
+    B (B - 1) sum_{t, t'} X^x G^x_tt' = B (B - 1) X^x sum(G^x).
+With B = 16 this term dominates once tokens are correlated. This is the
 quantity the authors plot per layer (Kedia et al. 2024, sec. 5 figures; theory.md 2.7: sqrt of
 the summed squared weight gradients of a layer).
 
@@ -49,28 +51,41 @@ def tokenwise(backward: Callable[[Grad], Grad], cov: np.ndarray) -> np.ndarray:
     return cov_gain * cov + (var_gain - cov_gain) * np.diag(np.diag(cov))
 
 
-def _mean_off_diagonal(matrix: np.ndarray) -> float:
-    length = matrix.shape[0]
-    return float((np.sum(matrix) - np.trace(matrix)) / (length * (length - 1)))
-
-
 def linear_weight_grad_sq(
-    d_in: int, d_out: int, inputs: np.ndarray, grads: np.ndarray, batch: int
+    d_in: int,
+    d_out: int,
+    inputs: np.ndarray,
+    grads: np.ndarray,
+    batch: int,
+    inputs_cross: float = 0.0,
+    grads_cross: np.ndarray | float = 0.0,
 ) -> float:
-    """E |dL/dW|_F^2 over `batch` sequences of (L, L) token moments `inputs` (X), `grads` (G)
-    (module docstring)."""
-    length = inputs.shape[0]
+    """E |dL/dW|_F^2 over `batch` sequences (module docstring): (L, L) within-sequence moments
+    `inputs` (X), `grads` (G); cross-sequence second moment `inputs_cross` (X^x, mean included)
+    and gradient covariance `grads_cross` (G^x)."""
     within = batch * np.sum(inputs * grads)
-    across = (
-        batch * (batch - 1) * length**2 * _mean_off_diagonal(inputs) * _mean_off_diagonal(grads)
-    )
+    across = batch * (batch - 1) * inputs_cross * np.sum(grads_cross)
     return float(d_in * d_out * (within + across))
+
+
+def cross_tokenwise(backward: Callable[[Grad], Grad], cross: np.ndarray) -> np.ndarray:
+    """A token-wise linear backward map on a cross-sequence covariance: every entry pairs two
+    different tokens, so all get the map's covariance gain."""
+    probe = backward(Grad(1.0, 0.5))
+    return probe.cov / 0.5 * cross
+
+
+def with_cov(x: Signal, cov: float) -> Signal:
+    """x with covariance `cov` between the two tokens considered (e.g. of two sequences)."""
+    return Signal(x.mean, x.var, cov / x.var if x.var > 0 else 0.0)
 
 
 def attention_weight_grad_sq(
     h: Signal,
     branch_grad: np.ndarray,
     batch: int,
+    h_cross: float,
+    branch_grad_cross: np.ndarray,
     *,
     d: int,
     heads: int,
@@ -83,8 +98,9 @@ def attention_weight_grad_sq(
     causal: bool,
 ) -> float:
     """Summed E |dL/dW|^2 of W_q, W_k, W_v (input h) and W_o (input: the context) of
-    `MultiHeadAttention`, from the token covariance of the gradient at its output. dQ and dK
-    are taken as uncorrelated across tokens (attention.py, step 4)."""
+    `MultiHeadAttention`, from the token covariance of the gradient at its output (within and
+    across sequences; `h_cross` is the cross-sequence covariance of h). dQ and dK are taken as
+    uncorrelated across tokens (attention.py, step 4)."""
     head = attention.mha_head(h, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
     context_var, context_cov = head.forward()
     context = Signal(0.0, context_var, context_cov / context_var if context_var > 0 else 0.0)
@@ -92,8 +108,14 @@ def attention_weight_grad_sq(
     grads = head.projection_gradients(context_grad)
     inputs = second_moments(h, L)
     context_moments = second_moments(context, L, head.row_variances())
-    out = linear_weight_grad_sq(d, d, context_moments, branch_grad, batch)
-    out += linear_weight_grad_sq(d, d, inputs, grads["value"], batch)
+    h_second_cross = h_cross + h.mean**2
+    context_cross = d * sigma_v**2 * h_second_cross
+    a = head.mean_attention
+    value_cross = a.T @ (d * sigma_o**2 * branch_grad_cross) @ a
+    out = linear_weight_grad_sq(
+        d, d, context_moments, branch_grad, batch, context_cross, branch_grad_cross
+    )
+    out += linear_weight_grad_sq(d, d, inputs, grads["value"], batch, h_second_cross, value_cross)
     out += linear_weight_grad_sq(d, d, inputs, np.diag(grads["query"] + grads["key"]), batch)
     return out
 
@@ -102,6 +124,8 @@ def ffn_weight_grad_sq(
     h: Signal,
     branch_grad: np.ndarray,
     batch: int,
+    h_cross: float,
+    branch_grad_cross: np.ndarray,
     *,
     d: int,
     d_ff: int,
@@ -110,18 +134,30 @@ def ffn_weight_grad_sq(
     activation: str = "relu",
     p: float = 0.0,
 ) -> float:
-    """Summed E |dL/dW|^2 of the FFN's W_1 (input h) and W_2 (input: the activations)."""
+    """Summed E |dL/dW|^2 of the FFN's W_1 (input h) and W_2 (input: the activations),
+    within and across sequences (`h_cross`: the cross-sequence covariance of h)."""
     if p:
         raise ValueError(f"FFN-internal dropout is not modelled here, got p={p}")
     act_forward, act_backward = components.ACTIVATIONS[activation]
     length = branch_grad.shape[0]
     pre = components.linear_forward(h, d_in=d, d_out=d_ff, sigma_w=sigma_1)
     act = act_forward(pre)
-    into_w1 = tokenwise(
-        lambda g: act_backward(
-            pre, components.linear_backward(act, g, d_in=d_ff, d_out=d, sigma_w=sigma_2)
-        ),
-        branch_grad,
+    w1_backward = lambda g: act_backward(
+        pre, components.linear_backward(act, g, d_in=d_ff, d_out=d, sigma_w=sigma_2)
     )
-    out = linear_weight_grad_sq(d_ff, d, second_moments(act, length), branch_grad, batch)
-    return out + linear_weight_grad_sq(d, d_ff, second_moments(h, length), into_w1, batch)
+    into_w1 = tokenwise(w1_backward, branch_grad)
+    into_w1_cross = cross_tokenwise(w1_backward, branch_grad_cross)
+    pre_cross = components.linear_forward(with_cov(h, h_cross), d_in=d, d_out=d_ff, sigma_w=sigma_1)
+    act_cross = act_forward(with_cov(pre, pre_cross.cov))
+    out = linear_weight_grad_sq(
+        d_ff,
+        d,
+        second_moments(act, length),
+        branch_grad,
+        batch,
+        act_cross.cov + act_cross.mean**2,
+        branch_grad_cross,
+    )
+    return out + linear_weight_grad_sq(
+        d, d_ff, second_moments(h, length), into_w1, batch, h_cross + h.mean**2, into_w1_cross
+    )
