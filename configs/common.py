@@ -5,6 +5,12 @@ A task file (`configs/lm.py`) defines `PRESETS` and calls `build(base_config(tas
 by comma-separated `key=value` overrides, where `key` is a dotted path (`model.num_layers=96`) or a
 short alias (`layers=96`). Values are parsed with the type of the field they replace. Any field
 can also be overridden on the command line with `--config.model.num_layers=96`.
+
+The scheme section holds `name` and every scheme's options at their defaults
+(`schemes.scheme_option_defaults`), so a scheme's option can be set whichever scheme a preset
+chose and in any order: `--config=configs/lm.py:smoke,scheme=dslm,scheme.k=4` or
+`--config=configs/lm.py:smoke,scheme=dslm --config.scheme.k=4`. Options of schemes other than the
+chosen one must stay at their defaults (`schemes.build_scheme` names any that do not).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import ml_collections
 
 from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.schemes import scheme_option_defaults
 
 ALIASES: dict[str, str] = {
     "layers": "model.num_layers",
@@ -41,7 +48,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = task
     config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
-    config.scheme = ml_collections.ConfigDict({"name": "xavier"})
+    config.scheme = ml_collections.ConfigDict({"name": "xavier", **scheme_option_defaults()})
     config.data = ml_collections.ConfigDict({"name": "shakespeare", "data_dir": None})
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.optim = ml_collections.ConfigDict(

@@ -13,6 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu")
+# Which stacks a model has; a scheme is built for one stack (schemes/base.py).
+ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "decoder_only": ("decoder",),
+    "encoder_only": ("encoder",),
+    "encoder_decoder": ("encoder", "decoder"),
+}
 NORM_PLACEMENTS = ("pre", "post")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 ATTENTION_IMPLS = ("xla",)
@@ -21,7 +27,12 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and options of a transformer; every field is named as in `config.model`."""
+    """Shape and options of a transformer; every field is named as in `config.model`.
+
+    `architecture` names the stacks (`ARCHITECTURES`): the LM is "decoder_only"; `num_layers` is
+    the depth of the single stack, or of the decoder of an "encoder_decoder" model, whose encoder
+    has `encoder_layers` (0 = `num_layers`). Schemes read depths through `stack_depth(stack)`.
+    """
 
     vocab_size: int = 256
     num_layers: int = 4
@@ -42,10 +53,38 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     dtype: str = "float32"
+    architecture: str = "decoder_only"
+    encoder_layers: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        """The layer stacks of the architecture, input side first."""
+        return ARCHITECTURES[self.architecture]
+
+    def stack_depth(self, stack: str) -> int:
+        """Layers in `stack`: `num_layers`, except the encoder of an encoder-decoder model, which
+        has `encoder_layers` (0 = as many as the decoder)."""
+        self._check_stack(stack)
+        if self.architecture == "encoder_decoder" and stack == "encoder":
+            return self.encoder_layers or self.num_layers
+        return self.num_layers
+
+    def residual_merges(self, stack: str) -> int:
+        """Residual merges along `stack`'s stream: 2 per layer (attention, FFN), 3 per layer in
+        the decoder of an encoder-decoder model (self-attention, cross-attention, FFN)."""
+        per_layer = 3 if (self.architecture == "encoder_decoder" and stack == "decoder") else 2
+        return per_layer * self.stack_depth(stack)
+
+    def _check_stack(self, stack: str) -> None:
+        if stack not in self.stacks:
+            raise ValueError(
+                f"model.architecture={self.architecture!r} has no stack {stack!r}; "
+                f"its stacks: {', '.join(self.stacks)}"
+            )
 
     @classmethod
     def from_mapping(cls, fields: Mapping[str, Any]) -> ModelConfig:
@@ -71,6 +110,19 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        if (
+            not isinstance(self.encoder_layers, int)
+            or isinstance(self.encoder_layers, bool)
+            or self.encoder_layers < 0
+        ):
+            raise ValueError(
+                f"model.encoder_layers={self.encoder_layers!r} must be an integer >= 0"
+            )
+        if self.encoder_layers and self.architecture != "encoder_decoder":
+            raise ValueError(
+                f"model.encoder_layers={self.encoder_layers} is only used by "
+                f"model.architecture='encoder_decoder' (got {self.architecture!r}); set it to 0"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
@@ -89,6 +141,7 @@ class ModelConfig:
             "attention_impl": ATTENTION_IMPLS,
             "remat_policy": tuple(REMAT_POLICIES),
             "dtype": DTYPES,
+            "architecture": tuple(ARCHITECTURES),
         }
         for name, accepted in choices.items():
             value = getattr(self, name)

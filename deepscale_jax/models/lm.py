@@ -2,7 +2,8 @@
 
 h_0 = Dropout(E[tokens] + P[positions]); h_N = Stack(h_0) under a causal (and optional padding)
 mask; Pre-LN adds a final norm (Xiong et al. 2020), Post-LN ends normalised already. Logits are
-h_N E^T with a tied embedding, or h_N W_head with an untied one.
+h_N E^T with a tied embedding, or h_N W_head with an untied one, times the scheme's fixed
+`logit_scale()` (1 except for DeepScaleLM with tied embeddings).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class DecoderLM(nn.Module):
     ) -> jax.Array:
         """Logits (B, T, vocab) in float32 for int tokens (B, T); `valid` marks non-pad tokens."""
         cfg = self.config
+        if cfg.architecture != "decoder_only":
+            raise ValueError(f"the LM is decoder-only; got model.architecture={cfg.architecture!r}")
         dtype = jnp.dtype(cfg.dtype)
         outside = LayerInit(self.scheme)
         embed = TokenEmbed(
@@ -69,7 +72,7 @@ class DecoderLM(nn.Module):
         if cfg.norm_placement == "pre":
             x = make_norm(cfg.norm, cfg.norm_eps, dtype, "final_norm")(x)
         if cfg.tie_embeddings:
-            return embed.attend(x)
+            return scale_logits(embed.attend(x), self.scheme.logit_scale())
         logits = Dense(
             (cfg.vocab_size,),
             outside.for_role("head"),
@@ -78,4 +81,8 @@ class DecoderLM(nn.Module):
             dtype=dtype,
             name="head",
         )(x)
-        return logits.astype(jnp.float32)
+        return scale_logits(logits.astype(jnp.float32), self.scheme.logit_scale())
+
+
+def scale_logits(logits: jax.Array, scale: float) -> jax.Array:
+    return logits if scale == 1.0 else logits * scale

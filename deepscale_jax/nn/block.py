@@ -3,9 +3,16 @@
 A sublayer is norm placement x residual coefficients x branch f:
 - Pre-LN  (Xiong et al. 2020; Kedia et al. 2024 sec. 2.4): x <- lambda x + beta Dropout(f(Norm(x)))
 - Post-LN (Vaswani et al. 2017):                          x <- Norm(lambda x + beta Dropout(f(x)))
-(lambda, beta) come from the scheme (`scheme.residual(layer)`); lambda = beta = 1 is the plain
-residual, DeepScaleLM uses lambda^2 + beta^2 = 1. Post-LN here is the Vaswani form (the norm
-closes each sublayer), so a Post-LN stack needs no final norm.
+Everything layer-dependent comes from the scheme through its general hooks (schemes/base.py),
+never from its name:
+- (lambda, beta) = `scheme.residual(layer)`: lambda = beta = 1 is the plain residual,
+  DeepScaleLM uses lambda^2 + beta^2 = 1, DeepNorm lambda = alpha;
+- `scheme.learned_residual`: the layer owns one scalar parameter "resweight", initialised to 0
+  and shared by its sublayers, which multiplies beta (ReZero: x <- x + alpha_l f(x));
+- `scheme.norm_scale(layer)`: a fixed multiplier on the output of each norm in the layer
+  (LayerNorm Scaling's 1/sqrt(l); the scheme allows it with Pre-LN only).
+Post-LN here is the Vaswani form (the norm closes each sublayer), so a Post-LN stack needs no
+final norm.
 """
 
 from __future__ import annotations
@@ -19,9 +26,21 @@ from jax.ad_checkpoint import checkpoint_name
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.attention import MultiHeadAttention
-from deepscale_jax.nn.initializers import LayerInit
+from deepscale_jax.nn.initializers import LayerInit, zeros
 from deepscale_jax.nn.mlp import MLP
 from deepscale_jax.nn.norms import make_norm
+
+
+def scaled(norm: Callable[[jax.Array], jax.Array], scale) -> Callable[[jax.Array], jax.Array]:
+    """`norm` followed by the fixed multiplier `scale` (skipped when it is the python 1.0)."""
+    if isinstance(scale, float) and scale == 1.0:
+        return norm
+
+    def scaled_norm(x: jax.Array) -> jax.Array:
+        y = norm(x)
+        return (y * scale).astype(y.dtype)
+
+    return scaled_norm
 
 
 def residual_sublayer(
@@ -59,7 +78,12 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         init = LayerInit(self.scheme, index, key)
-        coefficients = self.scheme.residual(index)
+        lam, beta = self.scheme.residual(index)
+        if self.scheme.learned_residual:
+            gate = self.param("resweight", nn.with_logical_partitioning(zeros, ()), ())
+            beta = beta * gate.astype(dtype)
+        coefficients = (lam, beta)
+        norm_scale = self.scheme.norm_scale(index)
         dropout = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
 
         attention = MultiHeadAttention(
@@ -68,7 +92,7 @@ class DecoderLayer(nn.Module):
         x = residual_sublayer(
             x,
             lambda h: checkpoint_name(attention(h, mask, init, self.deterministic), "attn_out"),
-            make_norm(cfg.norm, cfg.norm_eps, dtype, "attn_norm"),
+            scaled(make_norm(cfg.norm, cfg.norm_eps, dtype, "attn_norm"), norm_scale),
             dropout,
             coefficients,
             cfg.norm_placement,
@@ -77,7 +101,7 @@ class DecoderLayer(nn.Module):
         x = residual_sublayer(
             x,
             lambda h: checkpoint_name(mlp(h, init), "ffn_out"),
-            make_norm(cfg.norm, cfg.norm_eps, dtype, "ffn_norm"),
+            scaled(make_norm(cfg.norm, cfg.norm_eps, dtype, "ffn_norm"), norm_scale),
             dropout,
             coefficients,
             cfg.norm_placement,

@@ -3,6 +3,9 @@
 - layer_norm: (x - mean) / sqrt(var + eps) * g + b, over the feature axis (Ba et al. 2016).
 - rms_norm:   x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019, eq. 4; TF reference eps
   placement inside the square root).
+- none:       the identity, no parameters: for the schemes that train without normalisation
+  (T-Fixup, Huang et al. 2020; ReZero, Bachlechner et al. 2020). With it, Pre-LN and Post-LN
+  placements compute the same thing and the LM's final norm is the identity.
 Statistics are computed in float32 whatever the compute dtype. Gains start at 1, biases at 0.
 """
 
@@ -44,7 +47,17 @@ class RMSNorm(nn.Module):
         return (x32 * jax.lax.rsqrt(ms + self.eps) * gain).astype(self.dtype)
 
 
-NORMS: dict[str, type[nn.Module]] = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
+class Identity(nn.Module):
+    """No normalisation: y = x (cast to the compute dtype). `eps` is accepted and unused."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.dtype)
+
+
+NORMS: dict[str, type[nn.Module]] = {"layer_norm": LayerNorm, "rms_norm": RMSNorm, "none": Identity}
 
 
 def make_norm(name: str, eps: float, dtype: jnp.dtype, module_name: str) -> nn.Module:

@@ -3,12 +3,14 @@
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
-from deepscale_jax.schemes import ROLES, build_scheme
+from deepscale_jax.schemes import LAYER_ROLES, ROLES, SCHEMES, build_scheme
 from tests.helpers import init_params, tokens
 
 CFG = ModelConfig(
@@ -35,6 +37,10 @@ def expected_std(scheme: str, role: str, cfg: ModelConfig) -> float:
     return 0.02 / math.sqrt(2 * n) if role in ("attn_out", "ffn_out") else 0.02
 
 
+# Roles the decoder LM does not create (cross-attention, patches: later architectures).
+LM_ROLES = set(ROLES) - {"cross_q", "cross_k", "cross_v", "cross_out", "patch_embed"}
+
+
 def weights_by_role(params: dict) -> dict[str, np.ndarray]:
     layers = params["decoder"]["layers"]
     return {
@@ -55,7 +61,7 @@ def test_each_weight_std_matches_its_formula(scheme):
     model = DecoderLM(CFG, build_scheme({"name": scheme}, CFG))
     params = init_params(model, tokens(length=64, vocab=256))
     weights = weights_by_role(params)
-    assert set(weights) == set(ROLES)
+    assert set(weights) == LM_ROLES
     for role, w in weights.items():
         w = np.asarray(w)
         per_layer = (
@@ -87,11 +93,40 @@ def test_default_scheme_std_base_option_and_residual():
 
 def test_unknown_role_is_named():
     scheme = build_scheme({"name": "xavier"}, CFG)
-    with pytest.raises(ValueError, match="no init for role 'cross_q'; known roles: embed"):
-        scheme.init("cross_q", 0)
+    with pytest.raises(ValueError, match="no init for role 'bogus'; known roles: embed"):
+        scheme.init("bogus", 0)
 
 
 def test_schemes_are_hashable_values():
     a = build_scheme({"name": "xavier"}, CFG)
     b = build_scheme({"name": "xavier"}, CFG)
     assert a == b and hash(a) == hash(b)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_every_scheme_has_a_rule_for_every_role(name):
+    """Including the roles of later architectures (cross-attention, patches), in both stacks."""
+    norm = "none" if name in ("t_fixup", "rezero") else "layer_norm"
+    placement = "post" if name == "deepnorm" else "pre"
+    cfg = dataclasses.replace(
+        CFG, architecture="encoder_decoder", encoder_layers=2, norm=norm, norm_placement=placement
+    )
+    key = jax.random.PRNGKey(0)
+    for stack in ("encoder", "decoder"):
+        scheme = build_scheme({"name": name}, cfg).for_stack(stack)
+        for role in ROLES:
+            layer = 1 if role in LAYER_ROLES else None
+            shape = (48, CFG.d_model) if role == "patch_embed" else (CFG.d_model, CFG.d_model)
+            w = scheme.init(role, layer)(key, shape)
+            assert w.shape == shape and 0 < float(jnp.std(w)) < 1.5, (stack, role)
+
+
+def test_patch_embed_std_comes_from_the_kernel_fan_in():
+    scheme = build_scheme({"name": "xavier"}, CFG)
+    w = scheme.init("patch_embed", None)(jax.random.PRNGKey(0), (4, 4, 3, 128))
+    assert float(jnp.std(w)) == pytest.approx(math.sqrt(2 / (48 + 128)), rel=0.05)
+
+
+def test_stack_must_exist_in_the_architecture():
+    with pytest.raises(ValueError, match="architecture='decoder_only' has no stack 'encoder'"):
+        build_scheme({"name": "xavier"}, CFG).for_stack("encoder")
