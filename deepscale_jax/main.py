@@ -1,6 +1,8 @@
 """Command-line entry point.
 
-    python -m deepscale_jax.main --config=configs/lm.py[:preset[,key=value...]] --workdir=DIR
+    python -m deepscale_jax.main --config=configs/<task>.py[:preset[,key=value...]] --workdir=DIR
+
+with <task> one of lm, mlm, vit (configs/).
 
 `--config` is an ml_collections config file; any field can be overridden with
 `--config.section.field=value`. Rerunning the same command resumes from DIR's latest checkpoint.
@@ -13,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepscale_jax.train import train_and_evaluate
+from deepscale_jax.train import format_scores, train_and_evaluate
 from deepscale_jax.validation import check_workdir, validate_config
 
 FLAGS = flags.FLAGS
@@ -32,12 +34,9 @@ def main(argv: list[str]) -> None:
     except ValueError as err:
         sys.exit(f"deepscale_jax: error: {err}")
     final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    if "eval/validation/bits_per_byte" in final:
-        print(
-            f"final validation: loss {final['eval/validation/loss']:.4f} nats/byte, "
-            f"{final['eval/validation/bits_per_byte']:.3f} bits/byte",
-            flush=True,
-        )
+    scores = {k: v for k, v in final.items() if k.startswith("eval/")}
+    if scores:
+        print(f"final {format_scores(scores)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The one training loop: `train_and_evaluate(config, workdir)`.
+"""The one training loop: `train_and_evaluate(config, workdir)`, for every task.
+
+What is task-specific (model, batches, loss, eval metrics) comes from the task registered as
+`config.task` (deepscale_jax/tasks/); the loop itself knows none of it.
 
 Parameters are created already sharded (`jax.eval_shape`, then `jit(init, out_shardings=...)`);
 the train step is jitted with explicit in/out shardings and a donated state; one root key, and
@@ -25,13 +28,14 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from deepscale_jax import data as data_lib
 from deepscale_jax import sharding
 from deepscale_jax.checkpoint import Checkpointer, abstract_state
-from deepscale_jax.metrics import MetricWriter, nats_to_bits, token_cross_entropy
-from deepscale_jax.models import build_model
+from deepscale_jax.metrics import MetricWriter
 from deepscale_jax.optim import make_optimizer, make_schedule
+from deepscale_jax.tasks import Task, build_task
 from deepscale_jax.validation import check_workdir, validate_config
+
+SPEED_LABELS = {"tokens": "tok_s", "examples": "ex_s"}  # progress-bar names of perf/<unit>_per_sec
 
 
 @flax.struct.dataclass
@@ -48,15 +52,15 @@ def create_train_state(
     mesh: jax.sharding.Mesh,
     rules: tuple,
     seed: int,
-    seq_len: int,
+    init_inputs: tuple[jax.Array, ...],
 ) -> tuple[TrainState, TrainState]:
-    """(state created sharded on `mesh`, the state's shardings)."""
+    """(state created sharded on `mesh`, the state's shardings); `init_inputs` are example model
+    inputs (`Task.init_inputs()`) that `model.init` traces."""
     root = jax.random.PRNGKey(seed)
     init_key, train_key = jax.random.split(root)
-    dummy = jnp.zeros((1, seq_len), jnp.int32)
 
     def boxed_params() -> Any:
-        return model.init({"params": init_key}, dummy)["params"]
+        return model.init({"params": init_key}, *init_inputs)["params"]
 
     def init_state() -> TrainState:
         params = nn.meta.unbox(boxed_params())
@@ -78,19 +82,15 @@ def create_train_state(
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule
+    task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params: Any) -> jax.Array:
-            logits = model.apply(
-                {"params": params},
-                batch["inputs"],
-                deterministic=False,
-                rngs={"dropout": dropout_key},
+            total, count = task.loss(
+                params, batch, deterministic=False, rngs={"dropout": dropout_key}
             )
-            total, count = token_cross_entropy(logits, batch["targets"], batch.get("weights"))
             return total / count
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -108,7 +108,7 @@ def make_train_step(
 
 
 def jit_train_step(
-    model: nn.Module,
+    task: Task,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     state_shardings: TrainState,
@@ -116,19 +116,18 @@ def jit_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The train step jitted with explicit shardings and the state donated."""
     return jax.jit(
-        make_train_step(model, tx, schedule),
+        make_train_step(task, tx, schedule),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)),
         donate_argnums=0,
     )
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-    def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
-        return token_cross_entropy(logits, batch["targets"], batch.get("weights"))
-
-    return eval_step
+def jit_eval_step(
+    task: Task, param_shardings: Any, batch_sharding: jax.sharding.NamedSharding
+) -> Callable[[Any, dict], dict[str, jax.Array]]:
+    """`task.eval_stats` jitted: (params, batch) -> dict of per-batch sums."""
+    return jax.jit(task.eval_stats, in_shardings=(param_shardings, batch_sharding))
 
 
 def to_global(batch: dict, batch_sharding: jax.sharding.NamedSharding) -> dict:
@@ -139,43 +138,45 @@ def to_global(batch: dict, batch_sharding: jax.sharding.NamedSharding) -> dict:
     }
 
 
-def lm_iterator(config: ml_collections.ConfigDict, split: str, training: bool) -> Any:
-    """This process's batches of `split`: shuffled and endless for training, one ordered pass
-    otherwise."""
-    return data_lib.make_lm_iterator(
-        config.data,
-        split=split,
-        seq_len=config.train.seq_len,
-        global_batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        shuffle=training,
-        repeat=training,
-    )
-
-
 def evaluate(
-    eval_step: Callable, params: Any, config: ml_collections.ConfigDict, batch_sharding: Any
+    task: Task, eval_step: Callable, params: Any, batch_sharding: Any, max_batches: int
 ) -> dict[str, float]:
-    """Mean loss and bits per byte over `train.eval_batches` validation batches (-1 = all)."""
-    iterator = lm_iterator(config, "validation", training=False)
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(iterator):
-        if config.train.eval_batches != -1 and i >= config.train.eval_batches:
-            break
-        loss_sum, n = eval_step(params, to_global(batch, batch_sharding))
-        total, count = total + float(loss_sum), count + float(n)
-    if count == 0:
-        raise ValueError("the validation split yielded no batch: lower train.batch_size/seq_len")
-    loss = total / count
-    return {"eval/validation/loss": loss, "eval/validation/bits_per_byte": nats_to_bits(loss)}
+    """`eval/<split>/<metric>` for every eval split of the task, each over its first
+    `max_batches` batches (-1 = the whole split): the per-batch sums of `eval_step` are added
+    up on the host, then `task.eval_metrics` turns the totals into metrics."""
+    scores: dict[str, float] = {}
+    for split in task.eval_splits:
+        totals: dict[str, float] = {}
+        batches = 0
+        for batch in task.iterator(split, training=False):
+            if max_batches != -1 and batches >= max_batches:
+                break
+            for name, value in eval_step(params, to_global(batch, batch_sharding)).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            batches += 1
+        if batches == 0:
+            raise ValueError(f"the {split} split yielded no batch: lower train.batch_size/seq_len")
+        metrics = task.eval_metrics(totals)
+        scores.update({f"eval/{split}/{name}": value for name, value in metrics.items()})
+    return scores
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    """'validation loss 1.2345, bits_per_byte 1.781; test ...' from `eval/<split>/<name>` keys."""
+    by_split: dict[str, list[str]] = {}
+    for key, value in scores.items():
+        _, split, name = key.split("/", 2)
+        by_split.setdefault(split, []).append(f"{name} {value:.4f}")
+    return "; ".join(f"{split} {', '.join(parts)}" for split, parts in by_split.items())
 
 
 class IntervalMeter:
     """Sums per-step metrics on the device and fetches them once per log interval, adding
     throughput (time spent in evaluation is excluded by `restart_clock`)."""
 
-    def __init__(self, tokens_per_step: int) -> None:
-        self.tokens_per_step = tokens_per_step
+    def __init__(self, units_per_step: int, unit: str = "tokens") -> None:
+        self.units_per_step = units_per_step
+        self.unit = unit
         self._sums: dict | None = None
         self._steps = 0
         self._start = time.perf_counter()
@@ -190,7 +191,7 @@ class IntervalMeter:
     def flush(self) -> dict[str, float]:
         scalars = {k: float(v) / self._steps for k, v in jax.device_get(self._sums).items()}
         elapsed = time.perf_counter() - self._start
-        scalars["perf/tokens_per_sec"] = self._steps * self.tokens_per_step / elapsed
+        scalars[f"perf/{self.unit}_per_sec"] = self._steps * self.units_per_step / elapsed
         scalars["perf/step_seconds"] = elapsed / self._steps
         self._sums, self._steps = None, 0
         self.restart_clock()
@@ -199,6 +200,7 @@ class IntervalMeter:
 
 def train_loop(
     config: ml_collections.ConfigDict,
+    task: Task,
     state: TrainState,
     train_step: Callable,
     eval_step: Callable,
@@ -228,7 +230,8 @@ def train_loop(
         compile_seconds = time.perf_counter() - t_compile
         writer.write(start, {"perf/compile_seconds": compile_seconds})
         progress.write(f"train step compiled in {compile_seconds:.1f} s")
-        meter = IntervalMeter(config.train.batch_size * config.train.seq_len)
+        meter = IntervalMeter(task.units_per_step(), task.unit)
+        speed = f"perf/{task.unit}_per_sec"
         for step in range(start + 1, num_steps + 1):
             if step > start + 1:
                 batch = to_global(next(train_iter), batch_sharding)
@@ -241,16 +244,15 @@ def train_loop(
                 final.update(scalars)
                 progress.set_postfix(
                     loss=f"{scalars['train/loss']:.3f}",
-                    tok_s=f"{scalars['perf/tokens_per_sec']:.0f}",
+                    **{SPEED_LABELS.get(task.unit, "it_s"): f"{scalars[speed]:.0f}"},
                 )
             if step % config.train.eval_every_steps == 0 or step == num_steps:
-                scores = evaluate(eval_step, state.params, config, batch_sharding)
+                scores = evaluate(
+                    task, eval_step, state.params, batch_sharding, config.train.eval_batches
+                )
                 writer.write(step, scores)
                 final.update(scores)
-                progress.write(
-                    f"step {step}: validation loss {scores['eval/validation/loss']:.4f}, "
-                    f"{scores['eval/validation/bits_per_byte']:.3f} bits/byte"
-                )
+                progress.write(f"step {step}: {format_scores(scores)}")
                 meter.restart_clock()
             if ckpt.should_save(step, num_steps):
                 ckpt.save(step, state, train_iter.get_state())
@@ -273,14 +275,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.check_batch_divisible(config.train.batch_size, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    model = build_model(config.task, model_config, scheme)
+    task = build_task(config, model_config, scheme)
     num_steps = config.train.num_steps
     tx = make_optimizer(config.optim, num_steps)
     schedule = make_schedule(config.optim, num_steps)
     state, state_shardings = create_train_state(
-        model, tx, mesh, rules, config.train.seed, config.train.seq_len
+        task.model, tx, mesh, rules, config.train.seed, task.init_inputs()
     )
-    train_iter = lm_iterator(config, "train", training=True)
+    train_iter = task.iterator("train", training=True)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"), config.ckpt.every_steps, config.ckpt.max_to_keep
@@ -294,21 +296,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
     start = start or 0
 
-    train_step = jit_train_step(model, tx, schedule, state_shardings, batch_sharding)
-    eval_step = jax.jit(
-        make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding)
-    )
+    train_step = jit_train_step(task, tx, schedule, state_shardings, batch_sharding)
+    eval_step = jit_eval_step(task, state_shardings.params, batch_sharding)
 
     writer = MetricWriter(workdir)
     final: dict[str, float] = {}
     try:
         if start >= num_steps:
             print(f"already trained to train.num_steps={num_steps}; evaluating only", flush=True)
-            final.update(evaluate(eval_step, state.params, config, batch_sharding))
+            final.update(
+                evaluate(task, eval_step, state.params, batch_sharding, config.train.eval_batches)
+            )
         else:
             final.update(
                 train_loop(
                     config,
+                    task,
                     state,
                     train_step,
                     eval_step,

@@ -10,6 +10,7 @@ import ml_collections
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.optim import SCHEDULES
 from deepscale_jax.schemes import Scheme, build_scheme
+from deepscale_jax.tasks import get_task_class
 
 SECTIONS = ("model", "scheme", "data", "optim", "train", "mesh", "ckpt")
 
@@ -22,22 +23,19 @@ def _positive_int(section: Any, prefix: str, *names: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Scheme]:
-    """Checks every section; returns the typed model config and the built scheme."""
+    """Checks every section (the task's own fields through `Task.validate`); returns the typed
+    model config and the built scheme."""
     missing = [s for s in SECTIONS if s not in config]
     if missing:
         raise ValueError(f"config has no section(s) {', '.join(missing)}; needs {SECTIONS}")
     model = ModelConfig.from_mapping(config.model.to_dict())
     scheme = build_scheme(config.scheme.to_dict(), model)
 
+    if "task" not in config:
+        raise ValueError("config has no task (e.g. config.task = 'lm')")
+    task = get_task_class(config.task)
     train = config.train
-    _positive_int(
-        train, "train", "num_steps", "batch_size", "seq_len", "log_every_steps", "eval_every_steps"
-    )
-    if train.seq_len > model.max_len:
-        raise ValueError(
-            f"train.seq_len={train.seq_len} is longer than the position table "
-            f"model.max_len={model.max_len}"
-        )
+    _positive_int(train, "train", "num_steps", "batch_size", "log_every_steps", "eval_every_steps")
     if (
         not isinstance(train.eval_batches, int)
         or train.eval_batches == 0
@@ -60,6 +58,7 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Sch
         raise ValueError(f"optim.clip_norm={optim.clip_norm!r} must be >= 0 (0 = no clipping)")
 
     _positive_int(config.ckpt, "ckpt", "every_steps", "max_to_keep")
+    task.validate(config, model)
     return model, scheme
 
 

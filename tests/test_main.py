@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,3 +43,14 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     assert "model.num_heads=3 does not divide model.d_model=32" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow  # ~20 s alone; the LM CLI test covers the same path in the default suite
+def test_cli_vit_smoke_trains_then_resumes(tmp_path):
+    args = ["--config=configs/vit.py:smoke", f"--workdir={tmp_path / 'run'}"]
+    first = _main(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "final validation loss" in first.stdout and "test loss" in first.stdout
+    second = _main(*args, "--config.train.num_steps=9")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Resuming from checkpoint at step 6" in second.stdout

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import lm
+from configs import lm, mlm, vit
 from deepscale_jax import sharding
 from deepscale_jax.metrics import read_metrics
-from deepscale_jax.models import build_model
 from deepscale_jax.optim import make_optimizer, make_schedule
+from deepscale_jax.tasks import build_task
 from deepscale_jax.train import create_train_state, jit_train_step, to_global, train_and_evaluate
 from deepscale_jax.validation import validate_config
 
@@ -25,14 +25,14 @@ def smoke_config(data_dir, *extra):
 
 def _one_step(config, mesh_shape, devices, batch):
     model_cfg, scheme = validate_config(config)
-    model = build_model("lm", model_cfg, scheme)
+    task = build_task(config, model_cfg, scheme)
     mesh = sharding.make_mesh(mesh_shape, devices)
     tx = make_optimizer(config.optim, config.train.num_steps)
     state, shardings = create_train_state(
-        model, tx, mesh, sharding.DEFAULT_RULES, seed=0, seq_len=config.train.seq_len
+        task.model, tx, mesh, sharding.DEFAULT_RULES, seed=0, init_inputs=task.init_inputs()
     )
     batch_sharding = sharding.batch_sharding(mesh)
-    step = jit_train_step(model, tx, make_schedule(config.optim, 10), shardings, batch_sharding)
+    step = jit_train_step(task, tx, make_schedule(config.optim, 10), shardings, batch_sharding)
     for _ in range(2):
         state, metrics = step(state, to_global(batch, batch_sharding))
     return jax.device_get(state.params), jax.device_get(metrics)
@@ -105,3 +105,87 @@ def test_run_writes_config_metrics_checkpoints_and_learns(data_dir, tmp_path):
 def test_missing_workdir_parent_is_an_error_before_any_work(data_dir, tmp_path):
     with pytest.raises(ValueError, match="parent directory"):
         train_and_evaluate(smoke_config(data_dir), str(tmp_path / "a" / "b"))
+
+
+def task_config(task, data_dir, *extra):
+    module = {"mlm": mlm, "vit": vit}[task]
+    config = module.get_config(",".join(["smoke", *extra]))
+    config.data.data_dir = data_dir
+    return config
+
+
+@pytest.mark.parametrize("task", ["mlm", "vit"])
+def test_task_smoke_trains_on_8_devices_and_resumes_exactly(task, data_dir, tmp_path):
+    """Two steps, a checkpoint, two more; a run killed after the first checkpoint and rerun
+    gives the uninterrupted run's losses (params, optimizer, rng and data position restored)."""
+    assert jax.device_count() == 8
+    config = task_config(
+        task,
+        data_dir,
+        "steps=4",
+        "ckpt.every_steps=2",
+        "train.log_every_steps=1",
+        "train.eval_every_steps=2",
+        "model.dropout=0.1",
+    )
+    straight = str(tmp_path / "straight")
+    final = train_and_evaluate(config, straight)
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["2", "4"]
+    interrupted = str(tmp_path / "interrupted")
+    train_and_evaluate(config, interrupted)
+    shutil.rmtree(os.path.join(interrupted, "checkpoints", "4"))
+    records = [r for r in read_metrics(interrupted) if r["step"] <= 2]
+    with open(os.path.join(interrupted, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    resumed = train_and_evaluate(config, interrupted)
+    expected, got = _losses(straight), _losses(interrupted)
+    assert sorted(expected) == sorted(got) == [1, 2, 3, 4]
+    for step in expected:
+        assert got[step] == expected[step], step
+    assert resumed["eval/validation/accuracy"] == final["eval/validation/accuracy"]
+    unit = "tokens" if task == "mlm" else "examples"
+    assert f"perf/{unit}_per_sec" in final
+    if task == "mlm":
+        assert {"unigram_accuracy", "unigram_loss", "loss"} <= {
+            k.split("/")[-1] for k in final if k.startswith("eval/validation/")
+        }
+    else:
+        assert "eval/test/accuracy" in final
+
+
+@pytest.mark.parametrize(
+    ("task", "arg", "message"),
+    [
+        ("mlm", "model.vocab_size=256", r"model.vocab_size=256 must be 258 for the MLM"),
+        ("mlm", "model.architecture=decoder_only", r"encoder-only"),
+        ("vit", "vit.patch_size=3", r"vit.patch_size=3 does not divide the image size 8"),
+        ("vit", "model.max_len=4", r"model.max_len=4 is smaller than the 17 tokens"),
+        ("vit", "data.name=mnist", r"unknown data.name='mnist'"),
+    ],
+)
+def test_bad_task_config_names_the_field(task, arg, message, data_dir, tmp_path):
+    config = task_config(task, data_dir, arg)
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_mlm_beats_the_unigram_baseline_in_a_short_run(data_dir, tmp_path):
+    config = task_config(
+        "mlm",
+        data_dir,
+        "steps=200",
+        "layers=2",
+        "width=64",
+        "model.d_ff=256",
+        "lr=3e-3",
+        "optim.warmup_steps=20",
+        "train.batch_size=16",
+        "train.eval_every_steps=200",
+        "train.eval_batches=8",
+        "ckpt.every_steps=200",
+    )
+    final = train_and_evaluate(config, str(tmp_path / "run"))
+    accuracy = final["eval/validation/accuracy"]
+    assert accuracy > final["eval/validation/unigram_accuracy"] + 0.05
+    assert final["eval/validation/loss"] < final["eval/validation/unigram_loss"]

@@ -1,4 +1,4 @@
-"""Data layer: TFDS sources read without TensorFlow, byte tokenizer, grain LM pipeline.
+"""Data layer: TFDS sources read without TensorFlow, byte tokenizer, grain pipelines.
 
 Public API::
 
@@ -7,6 +7,9 @@ Public API::
     lm_vocab_size(data_config) -> int
     ByteTokenizer().encode(str) -> int32 array; .decode(ids) -> str
     prepare_shakespeare(data_dir) -> ShakespearePlays builder (ArrayRecord, built once)
+    mlm.make_mlm_iterator(...)      masked-LM batches (data/mlm.py)
+    images.make_image_iterator(...) image-classification batches: digits, cifar10,
+                                    imagenet2012 (data/images.py)
 """
 
 from deepscale_jax.data.pipeline import CORPORA, lm_vocab_size, make_lm_iterator
