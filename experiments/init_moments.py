@@ -1,0 +1,175 @@
+"""Init moments at depth: every scheme, Pre-LN and Post-LN, measured on the real LM and predicted.
+
+For each scheme (schemes/) and each norm placement the scheme allows, a decoder LM of
+`--layers` layers (d=128, 4 heads, byte vocabulary) is initialised and run forward and
+backward on one batch of Shakespeare validation text. Per layer: residual-stream variance,
+inter-token correlation and weight-gradient norm, measured (theory/model.py `measure_lm`) and
+predicted (`predict_lm`, the composed moment maps, anchored at the measured embedding output
+and top-layer gradient). Prints a table of the laws, writes JSON (`--out`) and one figure.
+
+    python -m experiments.init_moments --out experiments/results/init_moments.json
+    python -m experiments.init_moments --layers 192        # the depth of the paper's figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.models.lm import DecoderLM
+from deepscale_jax.schemes import SCHEMES, build_scheme
+from deepscale_jax.theory.model import Profile, predicted_and_measured
+from experiments.signal_propagation import text_batch
+
+MODEL = ModelConfig(num_layers=96, d_model=128, num_heads=4, d_ff=512, max_len=128)
+STATISTICS = (
+    ("var", "residual variance"),
+    ("corr", "inter-token correlation"),
+    ("weight_grad_norm", "weight-gradient norm"),
+)
+
+
+def variants(names: list[str]) -> list[tuple[str, str, str]]:
+    """(scheme, norm, placement) for every placement each scheme is defined for; schemes
+    without normalisation run once (Pre- and Post-LN are the same model there)."""
+    out = []
+    for name in names:
+        cls = SCHEMES[name]
+        norm = "layer_norm" if cls.norms is None or "layer_norm" in cls.norms else cls.norms[0]
+        placements = ("pre",) if norm == "none" else cls.placements
+        out.extend((name, norm, placement) for placement in placements)
+    return out
+
+
+def laws(profile: Profile) -> dict[str, float]:
+    """The summary figures the issue's laws are stated in (layers 1..N)."""
+    var, wg = profile.var[1:], profile.weight_grad_norm
+    return {
+        "var_min": float(var.min()),
+        "var_max": float(var.max()),
+        "var_last_over_first": float(var[-1] / var[0]),
+        "wg_max_over_min": float(wg.max() / wg.min()),
+        "wg_last_over_first": float(wg[-1] / wg[0]),
+    }
+
+
+def run_variant(
+    scheme: str, norm: str, placement: str, layers: int, tokens: jax.Array, targets: jax.Array
+) -> dict:
+    cfg = dataclasses.replace(MODEL, num_layers=layers, norm=norm, norm_placement=placement)
+    model = DecoderLM(cfg, build_scheme({"name": scheme}, cfg))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"]
+    predicted, measured = predicted_and_measured(model, params, tokens, targets)
+    errors = {
+        name: float(np.max(np.abs(getattr(predicted, name) / getattr(measured, name) - 1)))
+        for name, _ in STATISTICS
+    }
+    keep = ("var", "corr", "weight_grad_norm")
+    return {
+        "scheme": scheme,
+        "norm": norm,
+        "placement": placement,
+        "layers": layers,
+        "measured": {k: getattr(measured, k).tolist() for k in keep},
+        "predicted": {k: getattr(predicted, k).tolist() for k in keep},
+        "laws_measured": laws(measured),
+        "laws_predicted": laws(predicted),
+        "max_rel_error": errors,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    head = (
+        f"{'scheme':<9}{'placement':<10}{'var min..max':>16}{'var L/1':>9}"
+        f"{'wg max/min':>12}{'wg L/1':>9}   {'max error: var / corr / wg (%)'}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m, p, e = r["laws_measured"], r["laws_predicted"], r["max_rel_error"]
+        placement = "no norm" if r["norm"] == "none" else f"{r['placement']}-LN"
+        lines.append(
+            f"{r['scheme']:<9}{placement:<10}"
+            f"{m['var_min']:>7.2f}..{m['var_max']:<7.2f}{m['var_last_over_first']:>9.2f}"
+            f"{m['wg_max_over_min']:>12.2f}{m['wg_last_over_first']:>9.2f}   "
+            f"{100 * e['var']:.1f} / {100 * e['corr']:.1f} / {100 * e['weight_grad_norm']:.1f}"
+        )
+        lines.append(
+            f"{'':<9}{'(theory)':<10}"
+            f"{p['var_min']:>7.2f}..{p['var_max']:<7.2f}{p['var_last_over_first']:>9.2f}"
+            f"{p['wg_max_over_min']:>12.2f}{p['wg_last_over_first']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schemes = list(dict.fromkeys(r["scheme"] for r in results))
+    fig, axes = plt.subplots(
+        len(schemes), len(STATISTICS), figsize=(15, 3 * len(schemes)), squeeze=False
+    )
+    colors = {"pre": "tab:blue", "post": "tab:red"}
+    for row, scheme in zip(axes, schemes, strict=True):
+        for r in (r for r in results if r["scheme"] == scheme):
+            label = "no norm" if r["norm"] == "none" else f"{r['placement']}-LN"
+            for ax, (name, title) in zip(row, STATISTICS, strict=True):
+                x = np.arange(len(r["measured"][name])) + (name == "weight_grad_norm")
+                color = colors[r["placement"]]
+                ax.plot(x, r["measured"][name], "o", ms=2, color=color, label=f"{label} measured")
+                ax.plot(x, r["predicted"][name], "-", color=color, label=f"{label} predicted")
+                ax.set_title(f"{scheme}: {title}")
+                if name != "corr":
+                    ax.set_yscale("log")
+        row[0].legend(fontsize=7)
+        row[-1].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=96)
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated names")
+    parser.add_argument("--out", default=None, help="JSON file for the per-layer results")
+    parser.add_argument("--figdir", default="experiments/figures")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (Shakespeare)")
+    args = parser.parse_args()
+    names = [n for n in args.schemes.split(",") if n]
+    unknown = sorted(set(names) - set(SCHEMES))
+    if unknown:
+        parser.error(f"unknown scheme(s) {', '.join(unknown)}; accepted: {', '.join(SCHEMES)}")
+
+    from deepscale_jax.data import prepare_shakespeare
+
+    prepare_shakespeare(args.data_dir)
+    tokens, targets = text_batch(16, MODEL.max_len, args.data_dir)
+    results = []
+    for scheme, norm, placement in variants(names):
+        start = time.perf_counter()
+        results.append(run_variant(scheme, norm, placement, args.layers, tokens, targets))
+        print(f"  {scheme} {placement}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(format_table(results))
+    os.makedirs(args.figdir, exist_ok=True)
+    path = os.path.join(args.figdir, f"init_moments_{args.layers}l.png")
+    plot(results, path)
+    print(f"figure: {path}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
