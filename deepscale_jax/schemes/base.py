@@ -202,6 +202,11 @@ class Scheme:
         """Fixed multiplier on the output logits; 1 by default."""
         return 1.0
 
+    @property
+    def needs_token_sample(self) -> bool:
+        """Whether `with_token_sample` must be called before the scheme can initialise."""
+        return False
+
     def with_token_sample(self, tokens: np.ndarray) -> Scheme:
         """The scheme completed with training-data statistics; most schemes need none."""
         del tokens

@@ -272,6 +272,10 @@ class DeepScaleLMScheme(Scheme):
         embed_var = (1.0 - self.model.dropout) / self.num_tables
         return 1.0 / math.sqrt(self.model.d_model * embed_var)
 
+    @property
+    def needs_token_sample(self) -> bool:
+        return self.r0_from_data
+
     def with_token_sample(self, tokens: np.ndarray) -> DeepScaleLMScheme:
         """With `r0_from_data`: the scheme with r0 = `data_r0(tokens)`; otherwise itself."""
         if not self.r0_from_data:

@@ -11,7 +11,9 @@ A task (registered by `config.task` in tasks/__init__.py) gives
 - `eval_stats(params, batch)`: a dict of sums over one batch (jitted); the loop adds them up over
   an evaluation pass and `eval_metrics(totals)` turns the totals into the reported metrics
   (written as `eval/<split>/<name>`);
-- `unit` / `units_per_step()`: what the throughput counts (`perf/<unit>_per_sec`).
+- `unit` / `units_per_step()`: what the throughput counts (`perf/<unit>_per_sec`);
+- `token_sample()`: a batch of training tokens, for schemes that measure the data
+  (`scheme.needs_token_sample`); text tasks only.
 `validate(config, model)` (a classmethod) checks the task's own config fields, early, with
 messages that name the field.
 """
@@ -24,6 +26,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.schemes.base import Scheme
@@ -40,6 +43,8 @@ class Task(abc.ABC):
         self, config: ml_collections.ConfigDict, model: ModelConfig, scheme: Scheme
     ) -> None:
         self.config = config
+        if scheme.needs_token_sample:  # e.g. DeepScaleLM with r0 measured from the data
+            scheme = scheme.with_token_sample(self.token_sample())
         self.model = self.build_model(model, scheme)
 
     @property
@@ -54,6 +59,13 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def build_model(self, model: ModelConfig, scheme: Scheme) -> nn.Module: ...
+
+    def token_sample(self) -> np.ndarray:
+        """(B, T) int tokens of the training data, for schemes that read its statistics."""
+        raise ValueError(
+            f"task {self.name!r} has no token data for a scheme that measures it "
+            "(e.g. scheme.r0_from_data=True); set that option off"
+        )
 
     @abc.abstractmethod
     def init_inputs(self) -> tuple[jax.Array, ...]: ...

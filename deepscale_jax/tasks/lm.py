@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from deepscale_jax import data as data_lib
 from deepscale_jax.metrics import nats_to_bits, token_cross_entropy
@@ -38,6 +39,9 @@ class LanguageModelTask(Task):
 
     def init_inputs(self) -> tuple[jax.Array, ...]:
         return (jnp.zeros((1, self.config.train.seq_len), jnp.int32),)
+
+    def token_sample(self) -> np.ndarray:
+        return np.asarray(next(iter(self.iterator("train", training=True)))["inputs"])
 
     def iterator(self, split: str, training: bool) -> Any:
         train = self.config.train

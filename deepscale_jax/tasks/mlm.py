@@ -35,6 +35,10 @@ class MaskedLanguageModelTask(Task):
         self.unigram_log_probs = log_probs
         self.unigram_mode = int(np.argmax(log_probs))
 
+    def token_sample(self) -> np.ndarray:
+        """The unmasked text of a training batch."""
+        return np.asarray(next(iter(self.iterator("train", training=True)))["targets"])
+
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict, model: ModelConfig) -> None:
         check_seq_len(config, model)

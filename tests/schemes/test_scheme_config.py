@@ -75,3 +75,16 @@ def test_cli_trains_every_scheme(name, data_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "final validation" in result.stdout
+
+
+def test_dslm_r0_measured_from_the_training_data(data_dir):
+    """scheme.r0_from_data=True: the task reads a training batch and the model's scheme carries
+    the measured r0 (not the authors' 0.221)."""
+    from deepscale_jax.tasks import build_task
+
+    config = lm.get_config("smoke,scheme=dslm,scheme.r0_from_data=True")
+    config.data.data_dir = data_dir
+    model, scheme = validate_config(config)
+    task = build_task(config, model, scheme)
+    assert not task.model.scheme.r0_from_data
+    assert 0.0 < task.model.scheme.r0 < 1.0 and task.model.scheme.r0 != 0.221
