@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.models import trunk
 from deepscale_jax.nn.attention import causal_mask, combine_masks, padding_mask
-from deepscale_jax.nn.block import DecoderLayer
-from deepscale_jax.nn.embed import PositionEmbed, TokenEmbed
-from deepscale_jax.nn.initializers import LayerInit
-from deepscale_jax.nn.linear import Dense
-from deepscale_jax.nn.norms import make_norm
-from deepscale_jax.nn.stack import LayerStack
 from deepscale_jax.schemes.base import Scheme
 
 
@@ -37,52 +31,10 @@ class DecoderLM(nn.Module):
     ) -> jax.Array:
         """Logits (B, T, vocab) in float32 for int tokens (B, T); `valid` marks non-pad tokens."""
         cfg = self.config
-        if cfg.architecture != "decoder_only":
-            raise ValueError(f"the LM is decoder-only; got model.architecture={cfg.architecture!r}")
-        dtype = jnp.dtype(cfg.dtype)
-        outside = LayerInit(self.scheme)
-        embed = TokenEmbed(
-            cfg.vocab_size, cfg.d_model, outside.for_role("embed"), dtype, name="embed"
-        )
-        x = embed(tokens)
-        x = PositionEmbed(
-            cfg.max_len,
-            cfg.position_embedding,
-            outside.for_role("pos_embed"),
-            dtype,
-            name="pos_embed",
-        )(x)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = self.perturb("embed_out", x)  # measurement hooks, no-ops in training
-        self.sow("intermediates", "embed_out", x)
-
+        x, embed = trunk.embed_tokens(tokens, cfg, self.scheme)
+        x = trunk.stack_input(self, x, cfg, deterministic)
         mask = causal_mask(tokens.shape[1])
         if valid is not None:
             mask = combine_masks(mask, padding_mask(valid, valid))
-        x = LayerStack(
-            DecoderLayer,
-            cfg,
-            self.scheme,
-            cfg.num_layers,
-            cfg.scan_layers,
-            cfg.remat_policy,
-            deterministic,
-            name="decoder",
-        )(x, mask)
-        if cfg.norm_placement == "pre":
-            x = make_norm(cfg.norm, cfg.norm_eps, dtype, "final_norm")(x)
-        if cfg.tie_embeddings:
-            return scale_logits(embed.attend(x), self.scheme.logit_scale())
-        logits = Dense(
-            (cfg.vocab_size,),
-            outside.for_role("head"),
-            ("embed", "vocab"),
-            use_bias=False,
-            dtype=dtype,
-            name="head",
-        )(x)
-        return scale_logits(logits.astype(jnp.float32), self.scheme.logit_scale())
-
-
-def scale_logits(logits: jax.Array, scale: float) -> jax.Array:
-    return logits if scale == 1.0 else logits * scale
+        x = trunk.layer_stack(x, mask, cfg, self.scheme, deterministic, name="decoder")
+        return trunk.vocab_logits(x, embed, cfg, self.scheme)

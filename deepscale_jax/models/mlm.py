@@ -17,14 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
-from deepscale_jax.models.lm import scale_logits
+from deepscale_jax.models import trunk
 from deepscale_jax.nn.attention import padding_mask
-from deepscale_jax.nn.block import DecoderLayer
-from deepscale_jax.nn.embed import PositionEmbed, TokenEmbed
-from deepscale_jax.nn.initializers import LayerInit
-from deepscale_jax.nn.linear import Dense
-from deepscale_jax.nn.norms import make_norm
-from deepscale_jax.nn.stack import LayerStack
 from deepscale_jax.schemes.base import Scheme
 
 
@@ -54,43 +48,8 @@ class EncoderMLM(nn.Module):
         """Logits (B, T, vocab) in float32 for int tokens (B, T); `valid` marks non-pad tokens."""
         cfg = self.config
         check_encoder_only(cfg, "MLM")
-        dtype = jnp.dtype(cfg.dtype)
-        outside = LayerInit(self.scheme)
-        embed = TokenEmbed(
-            cfg.vocab_size, cfg.d_model, outside.for_role("embed"), dtype, name="embed"
-        )
-        x = PositionEmbed(
-            cfg.max_len,
-            cfg.position_embedding,
-            outside.for_role("pos_embed"),
-            dtype,
-            name="pos_embed",
-        )(embed(tokens))
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = self.perturb("embed_out", x)
-        self.sow("intermediates", "embed_out", x)
-
+        x, embed = trunk.embed_tokens(tokens, cfg, self.scheme)
+        x = trunk.stack_input(self, x, cfg, deterministic)
         mask = None if valid is None else key_padding_mask(valid)
-        x = LayerStack(
-            DecoderLayer,
-            cfg,
-            self.scheme,
-            cfg.num_layers,
-            cfg.scan_layers,
-            cfg.remat_policy,
-            deterministic,
-            name="encoder",
-        )(x, mask)
-        if cfg.norm_placement == "pre":
-            x = make_norm(cfg.norm, cfg.norm_eps, dtype, "final_norm")(x)
-        if cfg.tie_embeddings:
-            return scale_logits(embed.attend(x), self.scheme.logit_scale())
-        logits = Dense(
-            (cfg.vocab_size,),
-            outside.for_role("head"),
-            ("embed", "vocab"),
-            use_bias=False,
-            dtype=dtype,
-            name="head",
-        )(x)
-        return scale_logits(logits.astype(jnp.float32), self.scheme.logit_scale())
+        x = trunk.layer_stack(x, mask, cfg, self.scheme, deterministic, name="encoder")
+        return trunk.vocab_logits(x, embed, cfg, self.scheme)

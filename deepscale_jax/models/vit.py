@@ -20,13 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.models import trunk
 from deepscale_jax.models.mlm import check_encoder_only
-from deepscale_jax.nn.block import DecoderLayer
-from deepscale_jax.nn.embed import PositionEmbed
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.nn.linear import Dense
-from deepscale_jax.nn.norms import make_norm
-from deepscale_jax.nn.stack import LayerStack
 from deepscale_jax.schemes.base import Scheme
 
 POOLS = ("cls", "gap")
@@ -99,28 +96,9 @@ class ViT(nn.Module):
                 jnp.float32,
             )
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
-        x = PositionEmbed(
-            cfg.max_len,
-            cfg.position_embedding,
-            outside.for_role("pos_embed"),
-            dtype,
-            name="pos_embed",
-        )(x.astype(dtype))
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = self.perturb("embed_out", x)
-        self.sow("intermediates", "embed_out", x)
-        x = LayerStack(
-            DecoderLayer,
-            cfg,
-            self.scheme,
-            cfg.num_layers,
-            cfg.scan_layers,
-            cfg.remat_policy,
-            deterministic,
-            name="encoder",
-        )(x, None)
-        if cfg.norm_placement == "pre":
-            x = make_norm(cfg.norm, cfg.norm_eps, dtype, "final_norm")(x)
+        x = trunk.add_positions(x.astype(dtype), cfg, self.scheme)
+        x = trunk.stack_input(self, x, cfg, deterministic)
+        x = trunk.layer_stack(x, None, cfg, self.scheme, deterministic, name="encoder")
         pooled = x[:, 0] if vit.pool == "cls" else jnp.mean(x, axis=1)
         logits = Dense(
             (vit.num_classes,),
