@@ -1,0 +1,60 @@
+"""The cure and the diagnosis (issue 4), on the real LM at init and in the theory.
+
+24 layers, d=128, 16 x 128 bytes of Shakespeare (experiments/init_moments.py at a depth the
+default suite can afford; the 96- and 192-layer figures are in experiments/README.md).
+"""
+
+import numpy as np
+import pytest
+
+from experiments import init_moments
+
+
+@pytest.fixture(scope="module")
+def text(data_dir):
+    from experiments.signal_propagation import text_batch
+
+    return text_batch(16, 128, data_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(text):
+    tokens, targets = text
+    cases = [("dslm", "pre"), ("dslm", "post"), ("xavier", "pre"), ("xavier", "post")]
+    return {
+        case: init_moments.run_variant(case[0], "layer_norm", case[1], 24, tokens, targets)
+        for case in cases
+    }
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_dslm_keeps_unit_variance_and_flat_weight_gradients(runs, placement):
+    """DeepScaleLM: forward variance in [0.8, 1.25] at every layer and per-layer weight-gradient
+    norms within a factor 2, measured and predicted; the prediction within 10% (variance) and
+    25% (weight-gradient norm) at every layer."""
+    result = runs[("dslm", placement)]
+    for kind in ("measured", "predicted"):
+        var = np.asarray(result[kind]["var"][1:])
+        assert 0.8 <= var.min() and var.max() <= 1.25, (kind, var.min(), var.max())
+        assert result[f"laws_{kind}"]["wg_max_over_min"] <= 2.0
+    assert result["max_rel_error"]["var"] <= 0.10
+    assert result["max_rel_error"]["weight_grad_norm"] <= 0.25
+
+
+def test_xavier_pre_ln_variance_grows_with_depth(runs):
+    """The diagnosis, Pre-LN: forward variance grows at least 10x from the first to the last
+    layer, and the theory predicts that ratio within 25%."""
+    measured = runs[("xavier", "pre")]["laws_measured"]["var_last_over_first"]
+    predicted = runs[("xavier", "pre")]["laws_predicted"]["var_last_over_first"]
+    assert measured >= 10.0
+    assert abs(predicted / measured - 1) <= 0.25, (predicted, measured)
+
+
+def test_xavier_post_ln_weight_gradients_shrink_toward_the_input(runs):
+    """The diagnosis, Post-LN: per-layer weight-gradient norms shrink toward the input (last /
+    first >= 5 measured at 24 layers). The theory gets the direction but not the size (about
+    2x; experiments/README.md says why): asserted as a shrink of at least 1.5x."""
+    measured = runs[("xavier", "post")]["laws_measured"]["wg_last_over_first"]
+    predicted = runs[("xavier", "post")]["laws_predicted"]["wg_last_over_first"]
+    assert measured >= 5.0, measured
+    assert predicted >= 1.5, predicted
