@@ -2,13 +2,16 @@
 
 For each scheme (schemes/) and each norm placement the scheme allows, a decoder LM of
 `--layers` layers (d=128, 4 heads, byte vocabulary) is initialised and run forward and
-backward on one batch of Shakespeare validation text. Per layer: residual-stream variance,
-inter-token correlation and weight-gradient norm, measured (theory/model.py `measure_lm`) and
-predicted (`predict_lm`, the composed moment maps, anchored at the measured embedding output
-and top-layer gradient). Prints a table of the laws, writes JSON (`--out`) and one figure.
+backward on one batch of Shakespeare validation text (`--model mlm`: the bidirectional
+encoder with the masked-LM loss on 15% masked bytes, the setting of the DeepScaleLM paper's
+figures). Per layer: residual-stream variance, inter-token correlation and weight-gradient
+norm, measured (theory/model.py `measure_lm`) and predicted (`predict_lm`, the composed
+moment maps, anchored at the measured embedding output and top-layer gradient). Prints a
+table of the laws, writes JSON (`--out`) and one figure.
 
     python -m experiments.init_moments --out experiments/results/init_moments.json
     python -m experiments.init_moments --layers 192        # the depth of the paper's figures
+    python -m experiments.init_moments --model mlm --out experiments/results/init_moments_mlm.json
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from deepscale_jax.data.mlm import MASK_ID, VOCAB_SIZE, MaskingRates, mask_row
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
+from deepscale_jax.models.mlm import EncoderMLM
 from deepscale_jax.schemes import SCHEMES, build_scheme
 from deepscale_jax.theory.model import Profile, predicted_and_measured
 from experiments.signal_propagation import text_batch
@@ -49,31 +54,67 @@ def variants(names: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def laws(profile: Profile) -> dict[str, float]:
-    """The summary figures the issue's laws are stated in (layers 1..N)."""
+def max_error(predicted: np.ndarray, measured: np.ndarray) -> float | None:
+    """max over layers of |predicted / measured - 1| (None where nothing is measured)."""
+    if np.all(measured == 0) and np.all(predicted == 0):
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.max(np.abs(predicted / measured - 1)))
+
+
+def laws(profile: Profile) -> dict[str, float | None]:
+    """The summary figures the laws are stated in (layers 1..N); weight-gradient ratios are
+    None where the weights get no gradient at init (ReZero's branches behind a zero gate)."""
     var, wg = profile.var[1:], profile.weight_grad_norm
+    ratio = lambda a, b: float(a / b) if b > 0 else None
     return {
         "var_min": float(var.min()),
         "var_max": float(var.max()),
         "var_last_over_first": float(var[-1] / var[0]),
-        "wg_max_over_min": float(wg.max() / wg.min()),
-        "wg_last_over_first": float(wg[-1] / wg[0]),
+        "wg_max_over_min": ratio(wg.max(), wg.min()),
+        "wg_last_over_first": ratio(wg[-1], wg[0]),
     }
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None or not np.isfinite(value) else f"{value:>{width}.3g}"
+
+
+def mlm_batch(tokens: jax.Array, seed: int = 0) -> dict[str, jax.Array]:
+    """The masked-LM view of a text batch (data/mlm.py masking: 15%, 80/10/10)."""
+    rng = np.random.default_rng(seed)
+    rows = [mask_row(np.asarray(row), rng, MaskingRates()) for row in tokens]
+    batch = {k: np.stack([row[k] for row in rows]) for k in ("inputs", "targets", "weights")}
+    assert batch["inputs"].max() <= MASK_ID
+    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
 
 
 def run_variant(
-    scheme: str, norm: str, placement: str, layers: int, tokens: jax.Array, targets: jax.Array
+    scheme: str,
+    norm: str,
+    placement: str,
+    layers: int,
+    tokens: jax.Array,
+    targets: jax.Array,
+    model_kind: str = "lm",
 ) -> dict:
+    """Measured and predicted per-layer moments of one (scheme, norm, placement) at init."""
     cfg = dataclasses.replace(MODEL, num_layers=layers, norm=norm, norm_placement=placement)
-    model = DecoderLM(cfg, build_scheme({"name": scheme}, cfg))
+    weights = None
+    if model_kind == "mlm":
+        cfg = dataclasses.replace(cfg, architecture="encoder_only", vocab_size=VOCAB_SIZE)
+        batch = mlm_batch(tokens)
+        tokens, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+    model_cls = EncoderMLM if model_kind == "mlm" else DecoderLM
+    model = model_cls(cfg, build_scheme({"name": scheme}, cfg))
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"]
-    predicted, measured = predicted_and_measured(model, params, tokens, targets)
+    predicted, measured = predicted_and_measured(model, params, tokens, targets, weights)
     errors = {
-        name: float(np.max(np.abs(getattr(predicted, name) / getattr(measured, name) - 1)))
-        for name, _ in STATISTICS
+        name: max_error(getattr(predicted, name), getattr(measured, name)) for name, _ in STATISTICS
     }
     keep = ("var", "corr", "weight_grad_norm")
     return {
+        "model": model_kind,
         "scheme": scheme,
         "norm": norm,
         "placement": placement,
@@ -95,17 +136,19 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         m, p, e = r["laws_measured"], r["laws_predicted"], r["max_rel_error"]
         placement = "no norm" if r["norm"] == "none" else f"{r['placement']}-LN"
-        lines.append(
-            f"{r['scheme']:<9}{placement:<10}"
-            f"{m['var_min']:>7.2f}..{m['var_max']:<7.2f}{m['var_last_over_first']:>9.2f}"
-            f"{m['wg_max_over_min']:>12.2f}{m['wg_last_over_first']:>9.2f}   "
-            f"{100 * e['var']:.1f} / {100 * e['corr']:.1f} / {100 * e['weight_grad_norm']:.1f}"
+        errors = " / ".join(
+            "-" if e[k] is None else f"{100 * e[k]:.1f}"
+            for k in ("var", "corr", "weight_grad_norm")
         )
-        lines.append(
-            f"{'':<9}{'(theory)':<10}"
-            f"{p['var_min']:>7.2f}..{p['var_max']:<7.2f}{p['var_last_over_first']:>9.2f}"
-            f"{p['wg_max_over_min']:>12.2f}{p['wg_last_over_first']:>9.2f}"
-        )
+        for label, laws_ in (
+            (f"{r['scheme']:<9}{placement:<10}", m),
+            (f"{'':<9}{'(theory)':<10}", p),
+        ):
+            lines.append(
+                f"{label}{_fmt(laws_['var_min'], 7)}..{_fmt(laws_['var_max'], 7)}"
+                f"{_fmt(laws_['var_last_over_first'], 9)}{_fmt(laws_['wg_max_over_min'], 12)}"
+                f"{_fmt(laws_['wg_last_over_first'], 9)}   {errors if laws_ is m else ''}"
+            )
     return "\n".join(lines)
 
 
@@ -124,6 +167,8 @@ def plot(results: list[dict], path: str) -> None:
         for r in (r for r in results if r["scheme"] == scheme):
             label = "no norm" if r["norm"] == "none" else f"{r['placement']}-LN"
             for ax, (name, title) in zip(row, STATISTICS, strict=True):
+                if not np.any(r["measured"][name]):
+                    continue  # ReZero's weights get no gradient at init
                 x = np.arange(len(r["measured"][name])) + (name == "weight_grad_norm")
                 color = colors[r["placement"]]
                 ax.plot(x, r["measured"][name], "o", ms=2, color=color, label=f"{label} measured")
@@ -141,6 +186,7 @@ def plot(results: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=96)
+    parser.add_argument("--model", choices=("lm", "mlm"), default="lm")
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated names")
     parser.add_argument("--out", default=None, help="JSON file for the per-layer results")
     parser.add_argument("--figdir", default="experiments/figures")
@@ -158,11 +204,14 @@ def main() -> None:
     results = []
     for scheme, norm, placement in variants(names):
         start = time.perf_counter()
-        results.append(run_variant(scheme, norm, placement, args.layers, tokens, targets))
+        results.append(
+            run_variant(scheme, norm, placement, args.layers, tokens, targets, args.model)
+        )
         print(f"  {scheme} {placement}: {time.perf_counter() - start:.0f} s", flush=True)
     print(format_table(results))
     os.makedirs(args.figdir, exist_ok=True)
-    path = os.path.join(args.figdir, f"init_moments_{args.layers}l.png")
+    suffix = "" if args.model == "lm" else f"_{args.model}"
+    path = os.path.join(args.figdir, f"init_moments_{args.layers}l{suffix}.png")
     plot(results, path)
     print(f"figure: {path}")
     if args.out:

@@ -324,7 +324,7 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
         sigma_v=std("v"),
         sigma_o=std("attn_out"),
         p_attn=cfg.attn_dropout,
-        causal=True,
+        causal=cfg.architecture != "encoder_only",
     )
     ffn_kw = dict(
         d=cfg.d_model,
@@ -464,9 +464,20 @@ def _stack_profile(streams: list[jax.Array]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(var), np.asarray(corr)
 
 
+STACK_NAMES = ("decoder", "encoder")  # the layer stack of a decoder LM / an encoder (MLM, ViT)
+
+
+def _stack(tree: dict) -> dict:
+    """The one layer stack of a single-stack model's collection."""
+    found = [name for name in STACK_NAMES if name in tree]
+    if len(found) != 1:
+        raise ValueError(f"expected one layer stack named one of {STACK_NAMES}, found {found}")
+    return tree[found[0]]
+
+
 def _layer_streams(tree: dict, num_layers: int, name: str) -> list[jax.Array]:
     """The per-layer arrays `name` of a sown/perturbation collection, either layout."""
-    stack = tree["decoder"]
+    stack = _stack(tree)
     if "layers" in stack:
         value = stack["layers"][name]
         value = value[0] if isinstance(value, tuple) else value
@@ -481,7 +492,7 @@ def _layer_streams(tree: dict, num_layers: int, name: str) -> list[jax.Array]:
 def weight_grad_norms(grads: dict, num_layers: int) -> np.ndarray:
     """sqrt(sum of squared gradients) over each layer's weight matrices (not biases, gains)."""
     norms = []
-    for layer in per_layer_params(grads["decoder"], num_layers):
+    for layer in per_layer_params(_stack(grads), num_layers):
         leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
         total = sum(
             float(jnp.sum(jnp.square(leaf)))
@@ -492,8 +503,16 @@ def weight_grad_norms(grads: dict, num_layers: int) -> np.ndarray:
     return np.asarray(norms)
 
 
-def measure_lm(model: nn.Module, params: dict, tokens: jax.Array, targets: jax.Array) -> Profile:
-    """Per-layer forward and backward moments of the real LM under its cross-entropy loss.
+def measure_lm(
+    model: nn.Module,
+    params: dict,
+    tokens: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None = None,
+) -> Profile:
+    """Per-layer forward and backward moments of the real LM (decoder LM or encoder MLM) under
+    its cross-entropy loss, over the tokens `weights` selects (all by default; the masked
+    positions for an MLM).
 
     Deterministic forward (no dropout); the gradient of the mean token cross-entropy w.r.t. the
     residual stream after each layer comes from zero perturbations added there.
@@ -506,7 +525,7 @@ def measure_lm(model: nn.Module, params: dict, tokens: jax.Array, targets: jax.A
         logits, state = model.apply(
             {"params": p, "perturbations": pert}, tokens, mutable=["intermediates"]
         )
-        total, count = token_cross_entropy(logits, targets)
+        total, count = token_cross_entropy(logits, targets, weights)
         return total / count, state["intermediates"]
 
     grad_fn = jax.jit(jax.grad(loss_fn, argnums=(0, 1), has_aux=True))
@@ -535,11 +554,15 @@ def measure_lm(model: nn.Module, params: dict, tokens: jax.Array, targets: jax.A
 
 
 def predicted_and_measured(
-    model: nn.Module, params: dict, tokens: jax.Array, targets: jax.Array
+    model: nn.Module,
+    params: dict,
+    tokens: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None = None,
 ) -> tuple[Profile, Profile]:
     """(prediction, measurement) for one LM at init; the prediction starts from the measured
     embedding output and the measured gradient at the top layer (the anchors of the laws)."""
-    measured = measure_lm(model, params, tokens, targets)
+    measured = measure_lm(model, params, tokens, targets, weights)
     x0 = Signal(0.0, float(measured.var[0]), float(measured.corr[0]))
     g_top = Grad(float(measured.grad_var[-1]), float(measured.grad_corr[-1]))
     predicted = predict_lm(
