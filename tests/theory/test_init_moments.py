@@ -35,7 +35,7 @@ def test_dslm_keeps_unit_variance_and_flat_weight_gradients(runs, placement):
     result = runs[("dslm", placement)]
     for kind in ("measured", "predicted"):
         var = np.asarray(result[kind]["var"][1:])
-        assert 0.8 <= var.min() and var.max() <= 1.25, (kind, var.min(), var.max())
+        assert var.min() >= 0.8 and var.max() <= 1.25, (kind, var.min(), var.max())
         assert result[f"laws_{kind}"]["wg_max_over_min"] <= 2.0
     assert result["max_rel_error"]["var"] <= 0.10
     assert result["max_rel_error"]["weight_grad_norm"] <= 0.25
