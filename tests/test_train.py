@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import lm, mlm, vit
+from configs import lm, mlm, seq2seq, vit
 from deepscale_jax import sharding
 from deepscale_jax.metrics import read_metrics
 from deepscale_jax.optim import make_optimizer, make_schedule
@@ -108,13 +108,13 @@ def test_missing_workdir_parent_is_an_error_before_any_work(data_dir, tmp_path):
 
 
 def task_config(task, data_dir, *extra):
-    module = {"mlm": mlm, "vit": vit}[task]
+    module = {"mlm": mlm, "vit": vit, "seq2seq": seq2seq}[task]
     config = module.get_config(",".join(["smoke", *extra]))
     config.data.data_dir = data_dir
     return config
 
 
-@pytest.mark.parametrize("task", ["mlm", "vit"])
+@pytest.mark.parametrize("task", ["mlm", "vit", pytest.param("seq2seq", marks=pytest.mark.slow)])
 def test_task_smoke_trains_on_8_devices_and_resumes_exactly(task, data_dir, tmp_path):
     """Two steps, a checkpoint, two more; a run killed after the first checkpoint and rerun
     gives the uninterrupted run's losses (params, optimizer, rng and data position restored)."""
@@ -143,7 +143,7 @@ def test_task_smoke_trains_on_8_devices_and_resumes_exactly(task, data_dir, tmp_
     for step in expected:
         assert got[step] == expected[step], step
     assert resumed["eval/validation/accuracy"] == final["eval/validation/accuracy"]
-    unit = "tokens" if task == "mlm" else "examples"
+    unit = "examples" if task == "vit" else "tokens"
     assert f"perf/{unit}_per_sec" in final
     if task == "mlm":
         assert {"unigram_accuracy", "unigram_loss", "loss"} <= {
@@ -151,6 +151,9 @@ def test_task_smoke_trains_on_8_devices_and_resumes_exactly(task, data_dir, tmp_
         }
     else:
         assert "eval/test/accuracy" in final
+    if task == "seq2seq":
+        assert {"eval/test/bleu", "eval/test/exact_match"} <= set(final)
+        assert resumed["eval/test/bleu"] == final["eval/test/bleu"]
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,16 @@ import flax.linen as nn
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
 from deepscale_jax.models.mlm import EncoderMLM
+from deepscale_jax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from deepscale_jax.models.vit import ViT, ViTConfig
 from deepscale_jax.schemes.base import Scheme
 
-MODELS: dict[str, type[nn.Module]] = {"lm": DecoderLM, "mlm": EncoderMLM, "vit": ViT}
+MODELS: dict[str, type[nn.Module]] = {
+    "lm": DecoderLM,
+    "mlm": EncoderMLM,
+    "vit": ViT,
+    "seq2seq": Seq2Seq,
+}
 
 
 def build_model(task: str, model: ModelConfig, scheme: Scheme, **extra: Any) -> nn.Module:
@@ -23,4 +29,13 @@ def build_model(task: str, model: ModelConfig, scheme: Scheme, **extra: Any) -> 
     return MODELS[task](config=model, scheme=scheme, **extra)
 
 
-__all__ = ["MODELS", "DecoderLM", "EncoderMLM", "ViT", "ViTConfig", "build_model"]
+__all__ = [
+    "MODELS",
+    "DecoderLM",
+    "EncoderMLM",
+    "Seq2Seq",
+    "Seq2SeqConfig",
+    "ViT",
+    "ViTConfig",
+    "build_model",
+]

@@ -11,6 +11,9 @@ Paths (`model.attention_impl`):
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`.
 - attention-probability dropout in training cannot go through that function, so it takes the
   explicit einsum path below (the same math, plus dropout on the probabilities).
+
+The same module serves cross-attention (roles cross_q/k/v/out), MAtt (`merged`, Zhang et al.
+2019) and cached one-token decoding (`decode`); see `MultiHeadAttention`.
 """
 
 from __future__ import annotations
@@ -63,12 +66,50 @@ def explicit_attention(
     return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
 
 
+SELF_ROLES = ("q", "k", "v", "attn_out")
+CROSS_ROLES = ("cross_q", "cross_k", "cross_v", "cross_out")
+
+
+def causal_average(v: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """The averaged self-attention of MAtt / AAN on (B, T, H, D) values: output i is the uniform
+    mean of v_j over the valid positions j <= i, i.e. M_a v with M_a[i, j] = 1/i for j <= i
+    (1-based; Zhang, Titov & Sennrich 2019, sec. 3.2; variants.md sec. 1.4). A position with no
+    valid j <= i (a leading pad) gets 0."""
+    if valid is None:
+        valid = jnp.ones(v.shape[:2], bool)
+    w = valid.astype(jnp.float32)[:, :, None, None]
+    sums = jnp.cumsum(v.astype(jnp.float32) * w, axis=1)
+    counts = jnp.maximum(jnp.cumsum(w, axis=1), 1.0)
+    return (sums / counts).astype(v.dtype)
+
+
 class MultiHeadAttention(nn.Module):
+    """Self-attention (`context=None`) or cross-attention to `context`.
+
+    `roles` names the four projections (q, k, v, out) for the scheme and the parameters:
+    `SELF_ROLES` or `CROSS_ROLES`. `merged=True` is MAtt (Zhang et al. 2019, variants.md 1.4):
+    with W_v and W_o shared by both branches,
+        MAtt(S, H) = [ M_a (S W_v) + softmax((S W_q)(H W_k)^T / sqrt(d_h) + mask) (H W_v) ] W_o,
+    where M_a is the causal uniform average (`causal_average`, over `query_valid`).
+
+    `decode=True` is one-token-at-a-time decoding with a "cache" collection. The first call
+    (the collection mutable and still empty, any query length) computes as in training and
+    creates the cache: zero self-attention keys/values of the query length (the maximum
+    decoding length), the cross-attention keys/values of `context` (computed once per
+    sentence), a zero MAtt running sum. Each later call takes queries of length 1 at step
+    t = cache_index: self-attention writes k_t, v_t at row t and attends to rows <= t; MAtt
+    keeps sum_{k<=t} v_k and outputs it / (t + 1); cross-attention reads the cached keys and
+    values (`context` is then unused).
+    """
+
     num_heads: int
     dropout_rate: float = 0.0
     impl: str = "xla"
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    roles: tuple[str, str, str, str] = SELF_ROLES
+    merged: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(
@@ -78,13 +119,15 @@ class MultiHeadAttention(nn.Module):
         init: LayerInit,
         deterministic: bool = True,
         context: jax.Array | None = None,
+        query_valid: jax.Array | None = None,
     ) -> jax.Array:
-        """Self-attention of x, or attention from x to `context` (cross-attention) if given."""
+        """Self-attention of x, or attention from x to `context` (cross-attention) if given.
+        `query_valid` (B, T) is the target padding of MAtt's averaged branch."""
         d_model = x.shape[-1]
         head_dim = d_model // self.num_heads
-        kv_input = x if context is None else context
+        q_role, k_role, v_role, out_role = self.roles
 
-        def project(inputs: jax.Array, role: str) -> jax.Array:
+        def dense(role: str) -> Dense:
             return Dense(
                 (self.num_heads, head_dim),
                 init.for_role(role),
@@ -92,23 +135,70 @@ class MultiHeadAttention(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 name=role,
-            )(inputs)
+            )
 
-        q = project(x, "q")
-        k = project(kv_input, "k")
-        v = project(kv_input, "v")
+        if self.merged and context is None:
+            raise ValueError("merged attention (MAtt) needs the encoder output as context")
+        q_proj, k_proj, v_proj = dense(q_role), dense(k_role), dense(v_role)
+        q = q_proj(x)
+        cached = self.decode and self.has_variable("cache", "cache_index")
+        if self.decode:
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if context is None:  # self-attention
+            k, v = k_proj(x), v_proj(x)
+            if self.decode:
+                k, v, mask = self._self_cache(k, v, cached, index.value, mask)
+        elif cached:
+            k = self.variable("cache", "cross_key", jnp.zeros, ()).value
+            v = self.variable("cache", "cross_value", jnp.zeros, ()).value
+        else:
+            k, v = k_proj(context), v_proj(context)
+            if self.decode:
+                self.variable("cache", "cross_key", lambda: k)
+                self.variable("cache", "cross_value", lambda: v)
         if self.dropout_rate > 0.0 and not deterministic:
             dropout = nn.Dropout(self.dropout_rate, broadcast_dims=())
             out = explicit_attention(q, k, v, mask, dropout, deterministic)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+        if self.merged:
+            v_self = v_proj(x)
+            if cached:
+                running = self.variable("cache", "running_sum", jnp.zeros, ())
+                running.value = running.value + v_self.astype(jnp.float32)
+                step = (index.value + 1).astype(jnp.float32)
+                average = (running.value / step).astype(v_self.dtype)
+            else:
+                average = causal_average(v_self, query_valid)
+                if self.decode:
+                    shape = v_self[:, :1].shape
+                    self.variable("cache", "running_sum", jnp.zeros, shape, jnp.float32)
+            out = out + average
+        if cached:
+            index.value = index.value + 1
         out = checkpoint_name(out, "attn_context")
         return Dense(
             (d_model,),
-            init.for_role("attn_out"),
+            init.for_role(out_role),
             ("heads", "kv", "embed"),
             num_in_axes=2,
             use_bias=self.use_bias,
             dtype=self.dtype,
-            name="attn_out",
+            name=out_role,
         )(out)
+
+    def _self_cache(self, k, v, cached, index, mask):
+        """Decoding: before the cache exists, create zero (B, L, H, D) key/value rows and
+        attend as in training; afterwards write row `index` and attend to rows <= index."""
+        cache_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cache_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if not cached:
+            return k, v, mask
+        if k.shape[1] != 1:
+            raise ValueError(f"cached decoding takes one token per call, got {k.shape[1]}")
+        start = (0, index, 0, 0)
+        cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k, start)
+        cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v, start)
+        length = cache_k.value.shape[1]
+        step_mask = (jnp.arange(length) <= index)[None, None, None, :]
+        return cache_k.value, cache_v.value, combine_masks(step_mask, mask)

@@ -1,4 +1,14 @@
-"""One residual sublayer, and the decoder layer built from two of them.
+"""One residual sublayer, and the transformer layers built from it.
+
+`DecoderLayer` (the LM's and the encoder's layer) = self-attention + FFN sublayers. Its `kind`
+option adds the encoder-decoder decoder layers (Vaswani et al. 2017, sec. 3.1; Zhang et al.
+2019 for MAtt), the same sublayers with the same hooks:
+- "self":   [self-attention] [FFN]                    (`DecoderLayer`)
+- "cross":  [self-attention] [cross-attention] [FFN]  (`CrossDecoderLayer`)
+- "merged": [MAtt: averaged self-attention + cross-attention, shared W_v and W_o] [FFN]
+            (`MergedDecoderLayer`; variants.md sec. 1.4).
+Cross-attention and MAtt take their weights from the roles cross_q/cross_k/cross_v/cross_out.
+`decode=True` runs them one token at a time against the "cache" collection (nn/attention.py).
 
 A sublayer is norm placement x residual coefficients x branch f:
 - Pre-LN  (Xiong et al. 2020; Kedia et al. 2024 sec. 2.4): x <- lambda x + beta Dropout(f(Norm(x)))
@@ -25,7 +35,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepscale_jax.model_config import ModelConfig
-from deepscale_jax.nn.attention import MultiHeadAttention
+from deepscale_jax.nn.attention import CROSS_ROLES, SELF_ROLES, MultiHeadAttention
 from deepscale_jax.nn.initializers import LayerInit, zeros
 from deepscale_jax.nn.mlp import MLP
 from deepscale_jax.nn.norms import make_norm
@@ -60,22 +70,40 @@ def residual_sublayer(
     raise ValueError(f"unknown model.norm_placement={placement!r}; accepted: pre, post")
 
 
+LAYER_KINDS = ("self", "cross", "merged")
+
+
 class DecoderLayer(nn.Module):
-    """Self-attention sublayer then FFN sublayer. Signature fits `nn.scan`: (x, ...) -> (x, None).
+    """Attention sublayer(s) then FFN sublayer. Signature fits `nn.scan`: (x, ...) -> (x, None).
 
     `index` is the 0-based layer index (a traced scalar under scan), `key` the layer's init key
-    (see nn/initializers.py), `mask` the (B, 1, T, T) attention mask.
+    (see nn/initializers.py), `mask` the (B, 1, T, T) self-attention mask (None when decoding
+    from the cache). "cross"/"merged" layers also take `context` (B, S, d), the encoder output,
+    its `context_mask` (B, 1, 1, S) and, for MAtt's average, `query_valid` (B, T).
     """
 
     config: ModelConfig
     scheme: object
     deterministic: bool = True
+    kind: str = "self"
+    decode: bool = False
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, index: jax.Array, key: jax.Array, mask: jax.Array | None
+        self,
+        x: jax.Array,
+        index: jax.Array,
+        key: jax.Array,
+        mask: jax.Array | None,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+        query_valid: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         cfg = self.config
+        if self.kind not in LAYER_KINDS:
+            raise ValueError(f"unknown layer kind {self.kind!r}; accepted: {LAYER_KINDS}")
+        if self.kind != "self" and context is None:
+            raise ValueError(f"a {self.kind!r} decoder layer needs the encoder output (context)")
         dtype = jnp.dtype(cfg.dtype)
         init = LayerInit(self.scheme, index, key)
         lam, beta = self.scheme.residual(index)
@@ -86,26 +114,81 @@ class DecoderLayer(nn.Module):
         norm_scale = self.scheme.norm_scale(index)
         dropout = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
 
-        attention = MultiHeadAttention(
-            cfg.num_heads, cfg.attn_dropout, cfg.attention_impl, cfg.use_bias, dtype, name="attn"
-        )
-        x = residual_sublayer(
-            x,
-            lambda h: checkpoint_name(attention(h, mask, init, self.deterministic), "attn_out"),
-            scaled(make_norm(cfg.norm, cfg.norm_eps, dtype, "attn_norm"), norm_scale),
-            dropout,
-            coefficients,
-            cfg.norm_placement,
-        )
+        def sublayer(x, branch, norm_name):
+            norm = make_norm(cfg.norm, cfg.norm_eps, dtype, norm_name)
+            return residual_sublayer(
+                x, branch, scaled(norm, norm_scale), dropout, coefficients, cfg.norm_placement
+            )
+
+        def attention(roles, merged=False, name="attn"):
+            return MultiHeadAttention(
+                cfg.num_heads,
+                cfg.attn_dropout,
+                cfg.attention_impl,
+                cfg.use_bias,
+                dtype,
+                roles=roles,
+                merged=merged,
+                decode=self.decode,
+                name=name,
+            )
+
+        if self.kind == "merged":
+            merged = attention(CROSS_ROLES, merged=True, name="merged_attn")
+            x = sublayer(
+                x,
+                lambda h: checkpoint_name(
+                    merged(h, context_mask, init, self.deterministic, context, query_valid),
+                    "attn_out",
+                ),
+                "attn_norm",
+            )
+        else:
+            self_attention = attention(SELF_ROLES)
+            x = sublayer(
+                x,
+                lambda h: checkpoint_name(
+                    self_attention(h, mask, init, self.deterministic), "attn_out"
+                ),
+                "attn_norm",
+            )
+        if self.kind == "cross":
+            cross = attention(CROSS_ROLES, name="cross_attn")
+            x = sublayer(
+                x,
+                lambda h: checkpoint_name(
+                    cross(h, context_mask, init, self.deterministic, context), "attn_out"
+                ),
+                "cross_norm",
+            )
         mlp = MLP(cfg.d_ff, cfg.activation, cfg.use_bias, dtype, name="ffn")
-        x = residual_sublayer(
-            x,
-            lambda h: checkpoint_name(mlp(h, init), "ffn_out"),
-            scaled(make_norm(cfg.norm, cfg.norm_eps, dtype, "ffn_norm"), norm_scale),
-            dropout,
-            coefficients,
-            cfg.norm_placement,
-        )
+        x = sublayer(x, lambda h: checkpoint_name(mlp(h, init), "ffn_out"), "ffn_norm")
         x = self.perturb("residual", x)
         self.sow("intermediates", "residual", x)
         return x, None
+
+
+class CrossDecoderLayer(DecoderLayer):
+    """The encoder-decoder decoder layer: self-attention, cross-attention, FFN."""
+
+    kind: str = "cross"
+
+
+class MergedDecoderLayer(DecoderLayer):
+    """The MAtt decoder layer: merged attention, FFN (no separate self-attention)."""
+
+    kind: str = "merged"
+
+
+class CrossDecodeLayer(DecoderLayer):
+    """`CrossDecoderLayer` for cached one-token decoding."""
+
+    kind: str = "cross"
+    decode: bool = True
+
+
+class MergedDecodeLayer(DecoderLayer):
+    """`MergedDecoderLayer` for cached one-token decoding."""
+
+    kind: str = "merged"
+    decode: bool = True

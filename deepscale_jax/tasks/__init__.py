@@ -9,10 +9,17 @@ from deepscale_jax.schemes.base import Scheme
 from deepscale_jax.tasks.base import Task
 from deepscale_jax.tasks.lm import LanguageModelTask
 from deepscale_jax.tasks.mlm import MaskedLanguageModelTask
+from deepscale_jax.tasks.seq2seq import Seq2SeqTask
 from deepscale_jax.tasks.vit import ImageClassificationTask
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (LanguageModelTask, MaskedLanguageModelTask, ImageClassificationTask)
+    cls.name: cls
+    for cls in (
+        LanguageModelTask,
+        MaskedLanguageModelTask,
+        ImageClassificationTask,
+        Seq2SeqTask,
+    )
 }
 
 
