@@ -21,22 +21,35 @@ then every step feeds one token at position t and reads/updates the cache (nn/at
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from deepscale_jax.data.numbers import BOS_ID, EOS_ID, PAD_ID
 from deepscale_jax.models.seq2seq import Seq2Seq, decode_params
 
 NEG = -1.0e9
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """The vocabulary's start, end and padding ids (data/translation.py `Vocabulary`)."""
+
+    bos: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def of(cls, vocab) -> SpecialIds:
+        return cls(vocab.bos_id, vocab.eos_id, vocab.pad_id)
 
 
 def decoding_model(model: Seq2Seq) -> Seq2Seq:
     return model.clone(decode=True, deterministic=True)
 
 
-def _start(model: Seq2Seq, params: Any, inputs, inputs_valid, batch: int, max_len: int):
+def _start(model: Seq2Seq, params: Any, inputs, inputs_valid, batch: int, max_len: int, bos: int):
     """(decode model, its params, encoder output, source validity, the fresh cache), with
     encoder output and validity repeated to `batch` rows (beam search: B * K)."""
     dmodel = decoding_model(model)
@@ -45,7 +58,7 @@ def _start(model: Seq2Seq, params: Any, inputs, inputs_valid, batch: int, max_le
     repeat = batch // inputs.shape[0]
     encoded = jnp.repeat(encoded, repeat, axis=0)
     valid = jnp.repeat(inputs_valid, repeat, axis=0)
-    dummy = jnp.full((batch, max_len), BOS_ID, jnp.int32)
+    dummy = jnp.full((batch, max_len), bos, jnp.int32)
     _, variables = dmodel.apply(
         {"params": dparams}, dummy, encoded, valid, method=Seq2Seq.decode_logits, mutable=["cache"]
     )
@@ -69,27 +82,32 @@ def _step(dmodel, dparams, cache, tokens, step, encoded, valid):
 
 
 def greedy_decode(
-    model: Seq2Seq, params: Any, inputs: jax.Array, inputs_valid: jax.Array, max_len: int
+    model: Seq2Seq,
+    params: Any,
+    inputs: jax.Array,
+    inputs_valid: jax.Array,
+    max_len: int,
+    ids: SpecialIds,
 ) -> jax.Array:
     """(B, max_len) int32 greedy outputs (EOS included, PAD after it)."""
     batch = inputs.shape[0]
     dmodel, dparams, encoded, valid, cache = _start(
-        model, params, inputs, inputs_valid, batch, max_len
+        model, params, inputs, inputs_valid, batch, max_len, ids.bos
     )
 
     def body(t, carry):
         cache, token, done, out = carry
         log_probs, cache = _step(dmodel, dparams, cache, token, t, encoded, valid)
         nxt = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, PAD_ID, nxt)
+        nxt = jnp.where(done, ids.pad, nxt)
         out = out.at[:, t].set(nxt)
-        return cache, nxt, done | (nxt == EOS_ID), out
+        return cache, nxt, done | (nxt == ids.eos), out
 
     init = (
         cache,
-        jnp.full((batch,), BOS_ID, jnp.int32),
+        jnp.full((batch,), ids.bos, jnp.int32),
         jnp.zeros((batch,), bool),
-        jnp.full((batch, max_len), PAD_ID, jnp.int32),
+        jnp.full((batch, max_len), ids.pad, jnp.int32),
     )
     return jax.lax.fori_loop(0, max_len, body, init)[3]
 
@@ -105,13 +123,14 @@ def beam_search(
     inputs: jax.Array,
     inputs_valid: jax.Array,
     max_len: int,
+    ids: SpecialIds,
     beam_size: int = 4,
     alpha: float = 0.6,
 ) -> tuple[jax.Array, jax.Array]:
     """(best sequences (B, max_len) int32 with PAD after EOS, their scores s(Y) (B,))."""
     batch, k = inputs.shape[0], beam_size
     dmodel, dparams, encoded, valid, cache = _start(
-        model, params, inputs, inputs_valid, batch * k, max_len
+        model, params, inputs, inputs_valid, batch * k, max_len, ids.bos
     )
     vocab = model.config.vocab_size
 
@@ -133,7 +152,7 @@ def beam_search(
         keep = jnp.where(  # a finished hypothesis proposes itself once, as token PAD
             finished, log_p / length_penalty(lengths, alpha), NEG
         )
-        keep_scores = jnp.full((batch, k, vocab), NEG).at[:, :, PAD_ID].set(keep)
+        keep_scores = jnp.full((batch, k, vocab), NEG).at[:, :, ids.pad].set(keep)
         scores = jnp.where(finished[..., None], keep_scores, grow_score).reshape(batch, k * vocab)
         top_scores, flat = jax.lax.top_k(scores, k)
         beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
@@ -144,9 +163,9 @@ def beam_search(
             jnp.take_along_axis(grow.reshape(batch, k * vocab), flat, axis=1),
         )
         seqs = jnp.take_along_axis(seqs, beam[..., None], axis=1)
-        seqs = seqs.at[:, :, t].set(jnp.where(was_finished, PAD_ID, token))
+        seqs = seqs.at[:, :, t].set(jnp.where(was_finished, ids.pad, token))
         lengths = jnp.take_along_axis(lengths, beam, axis=1) + (~was_finished)
-        finished = was_finished | (token == EOS_ID)
+        finished = was_finished | (token == ids.eos)
         del top_scores
         return t + 1, gather(cache, beam), seqs, new_log_p, lengths, finished, token
 
@@ -154,11 +173,11 @@ def beam_search(
     init = (
         jnp.zeros((), jnp.int32),
         cache,
-        jnp.full((batch, k, max_len), PAD_ID, jnp.int32),
+        jnp.full((batch, k, max_len), ids.pad, jnp.int32),
         log_p,
         jnp.zeros((batch, k), jnp.int32),
         jnp.zeros((batch, k), bool),
-        jnp.full((batch, k), BOS_ID, jnp.int32),
+        jnp.full((batch, k), ids.bos, jnp.int32),
     )
     _, _, seqs, log_p, lengths, _, _ = jax.lax.while_loop(cond, body, init)
     final = log_p / length_penalty(lengths, alpha)

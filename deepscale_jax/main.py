@@ -2,7 +2,7 @@
 
     python -m deepscale_jax.main --config=configs/<task>.py[:preset[,key=value...]] --workdir=DIR
 
-with <task> one of lm, mlm, vit (configs/).
+with <task> one of lm, mlm, seq2seq, vit (configs/).
 
 `--config` is an ml_collections config file; any field can be overridden with
 `--config.section.field=value`. Rerunning the same command resumes from DIR's latest checkpoint.

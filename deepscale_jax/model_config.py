@@ -21,7 +21,8 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 }
 NORM_PLACEMENTS = ("pre", "post")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
+MEMORY_MODES = ("prepend", "bottleneck")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -32,6 +33,14 @@ class ModelConfig:
     `architecture` names the stacks (`ARCHITECTURES`): the LM is "decoder_only"; `num_layers` is
     the depth of the single stack, or of the decoder of an "encoder_decoder" model, whose encoder
     has `encoder_layers` (0 = `num_layers`). Schemes read depths through `stack_depth(stack)`.
+    `merged_attention` gives that decoder MAtt layers (Zhang et al. 2019; variants.md sec. 1.4).
+
+    Variants (variants.md): `norm_partial_fraction` is pRMSNorm's p (norm "prms_norm", Zhang &
+    Sennrich 2019); `fix_norm` makes the tied embedding rows unit-norm times sqrt(d) (Nguyen &
+    Salazar 2019); `persistent_memory` = N learned key/value vectors per head joined to every
+    attention's context (Sukhbaatar et al. 2019), and `use_ffn=False` drops the FFN sublayer
+    (their all-attention layer); `memory_tokens` = m learned [mem] tokens, `memory_mode`
+    "prepend" (MemTransformer) or "bottleneck" (MemBottleneck; Burtsev et al. 2020).
     """
 
     vocab_size: int = 256
@@ -55,6 +64,13 @@ class ModelConfig:
     dtype: str = "float32"
     architecture: str = "decoder_only"
     encoder_layers: int = 0
+    merged_attention: bool = False
+    norm_partial_fraction: float = 0.0625
+    fix_norm: bool = False
+    persistent_memory: int = 0
+    use_ffn: bool = True
+    memory_tokens: int = 0
+    memory_mode: str = "prepend"
 
     @property
     def head_dim(self) -> int:
@@ -73,11 +89,20 @@ class ModelConfig:
             return self.encoder_layers or self.num_layers
         return self.num_layers
 
+    def sublayers(self, stack: str) -> tuple[str, ...]:
+        """The residual sublayers of one layer of `stack`: ("attn", "ffn"); in the decoder of an
+        encoder-decoder model ("attn", "cross", "ffn"), or ("merged", "ffn") with MAtt; without
+        "ffn" when `use_ffn` is False (the all-attention layer)."""
+        self._check_stack(stack)
+        if self.architecture == "encoder_decoder" and stack == "decoder":
+            kinds = ("merged", "ffn") if self.merged_attention else ("attn", "cross", "ffn")
+        else:
+            kinds = ("attn", "ffn")
+        return kinds if self.use_ffn else tuple(k for k in kinds if k != "ffn")
+
     def residual_merges(self, stack: str) -> int:
-        """Residual merges along `stack`'s stream: 2 per layer (attention, FFN), 3 per layer in
-        the decoder of an encoder-decoder model (self-attention, cross-attention, FFN)."""
-        per_layer = 3 if (self.architecture == "encoder_decoder" and stack == "decoder") else 2
-        return per_layer * self.stack_depth(stack)
+        """Residual merges along `stack`'s stream: sublayers per layer times depth."""
+        return len(self.sublayers(stack)) * self.stack_depth(stack)
 
     def _check_stack(self, stack: str) -> None:
         if stack not in self.stacks:
@@ -123,6 +148,32 @@ class ModelConfig:
                 f"model.encoder_layers={self.encoder_layers} is only used by "
                 f"model.architecture='encoder_decoder' (got {self.architecture!r}); set it to 0"
             )
+        for name in ("merged_attention", "fix_norm", "use_ffn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
+        for name in ("persistent_memory", "memory_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.{name}={value!r} must be an integer >= 0")
+        if not 0.0 < self.norm_partial_fraction <= 1.0:
+            raise ValueError(
+                f"model.norm_partial_fraction={self.norm_partial_fraction!r} must lie in (0, 1]"
+            )
+        if self.fix_norm and not self.tie_embeddings:
+            raise ValueError(
+                "model.fix_norm=True reuses the normalised embedding as the output matrix; "
+                "set model.tie_embeddings=True"
+            )
+        if self.memory_mode == "bottleneck" and not self.memory_tokens:
+            raise ValueError(
+                "model.memory_mode='bottleneck' routes the sequence through memory tokens; set "
+                "model.memory_tokens > 0"
+            )
+        if self.merged_attention and self.architecture != "encoder_decoder":
+            raise ValueError(
+                "model.merged_attention=True (MAtt) replaces the decoder self-attention of an "
+                f"encoder-decoder model; model.architecture={self.architecture!r} has none"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
@@ -142,6 +193,7 @@ class ModelConfig:
             "remat_policy": tuple(REMAT_POLICIES),
             "dtype": DTYPES,
             "architecture": tuple(ARCHITECTURES),
+            "memory_mode": MEMORY_MODES,
         }
         for name, accepted in choices.items():
             value = getattr(self, name)

@@ -8,16 +8,11 @@ its first `validation_size` numbers are the validation split, the next `test_siz
 split, and the next `train_size` (all the rest if 0) the training split. The splits are
 disjoint BY NUMBER, so every test number is unseen in training.
 
-Vocabulary: the 256 UTF-8 bytes, then :data:`PAD_ID` = 256, :data:`BOS_ID` = 257,
-:data:`EOS_ID` = 258 (:data:`VOCAB_SIZE` = 259); source and target share it. One example:
-    inputs         = bytes(german) + [EOS], padded with PAD to `src_len`
-    decoder_inputs = [BOS] + bytes(english), padded to `tgt_len`
-    targets        = bytes(english) + [EOS], padded to `tgt_len`
-with `inputs_valid`, `targets_valid` (bool, non-pad) and `weights` (float32, 1 on targets).
+Vocabulary: `translation.ByteVocabulary` (the 256 UTF-8 bytes, then PAD, BOS, EOS), shared
+by source and target; examples and batches as in data/translation.py.
 
-Iterator: a grain ``MapDataset`` of the split's numbers (shuffled per epoch and repeated when
-training), mapped to examples, batched; its state (the next batch index) is JSON-serialisable
-and restores the exact stream, as in the other pipelines.
+Iterator: a grain ``MapDataset`` of the split's numbers mapped to (German, English) pairs, then
+`translation.make_translation_iterator`.
 """
 
 from __future__ import annotations
@@ -28,12 +23,10 @@ import grain
 import numpy as np
 from num2words import num2words
 
-from deepscale_jax.data import pipeline
+from deepscale_jax.data import translation
 
-PAD_ID = 256
-BOS_ID = 257
-EOS_ID = 258
-VOCAB_SIZE = 259
+VOCAB = translation.ByteVocabulary()
+VOCAB_SIZE = VOCAB.vocab_size
 SPLITS = ("train", "validation", "test")
 DEFAULTS = {
     "max_number": 999_999,
@@ -41,8 +34,8 @@ DEFAULTS = {
     "validation_size": 1000,
     "test_size": 1000,
     "train_size": 0,
-    "src_len": 80,
-    "tgt_len": 80,
+    "src_len": 72,  # the longest German number word is 67 bytes (+ EOS)
+    "tgt_len": 76,  # the longest English one 73 (+ EOS or BOS)
 }
 
 
@@ -87,49 +80,18 @@ def split_numbers(data_config, split: str) -> np.ndarray:
     )[split]
 
 
-def encode(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def decode(ids) -> str:
-    """Text of the bytes before the first EOS/PAD (special ids dropped)."""
-    out = bytearray()
-    for i in np.asarray(ids).tolist():
-        if i in (EOS_ID, PAD_ID):
-            break
-        if i < 256:
-            out.append(i)
-    return out.decode("utf-8", errors="replace")
-
-
-def _padded(tokens: np.ndarray, length: int, what: str, number: int) -> np.ndarray:
-    if len(tokens) > length:
-        raise ValueError(
-            f"the {what} of {number} has {len(tokens)} tokens > data.{what}_len={length}"
-        )
-    out = np.full((length,), PAD_ID, np.int32)
-    out[: len(tokens)] = tokens
-    return out
+def vocabulary(data_config=None) -> translation.ByteVocabulary:
+    """The byte vocabulary (the same for every option)."""
+    del data_config
+    return VOCAB
 
 
 def make_example(number: int, src_len: int, tgt_len: int) -> dict[str, np.ndarray]:
-    """One example (see the module docstring) for `number`."""
-    src = np.append(encode(german(number)), EOS_ID)
-    tgt = encode(english(number))
-    inputs = _padded(src, src_len, "src", number)
-    decoder_inputs = _padded(np.insert(tgt, 0, BOS_ID), tgt_len, "tgt", number)
-    targets = _padded(np.append(tgt, EOS_ID), tgt_len, "tgt", number)
-    return {
-        "inputs": inputs,
-        "inputs_valid": inputs != PAD_ID,
-        "decoder_inputs": decoder_inputs,
-        "targets": targets,
-        "targets_valid": targets != PAD_ID,
-        "weights": (targets != PAD_ID).astype(np.float32),
-    }
+    """The example of `number` (data/translation.py `make_example`)."""
+    return translation.make_example(german(number), english(number), VOCAB, src_len, tgt_len, False)
 
 
-def make_numbers_iterator(
+def make_iterator(
     data_config,
     *,
     split: str,
@@ -140,34 +102,22 @@ def make_numbers_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
-    """This process's iterator of translation batches, each field
-    [global_batch_size // process_count, src_len or tgt_len]; eval drops the last incomplete
-    global batch."""
-    process_index, process_count = pipeline._resolve_processes(process_index, process_count)
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of "
-            f"process_count={process_count}"
-        )
-    numbers = split_numbers(data_config, split)
-    if not repeat and len(numbers) < global_batch_size:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the {len(numbers)} "
-            f"examples of split={split!r}; one pass would yield no batch"
-        )
-    src_len, tgt_len = option(data_config, "src_len"), option(data_config, "tgt_len")
-    examples = grain.MapDataset.source(numbers)
-    if shuffle:
-        examples = examples.shuffle(pipeline.shuffle_seed(seed))
-    if repeat:
-        examples = examples.repeat()
-    examples = examples.map(functools.partial(_example, src_len=src_len, tgt_len=tgt_len))
-    batches = examples.batch(global_batch_size, drop_remainder=True)
-    local = global_batch_size // process_count
-    start, stop = process_index * local, (process_index + 1) * local
-    batches = batches.map(lambda b: {k: v[start:stop] for k, v in b.items()})
-    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+    """This process's iterator of translation batches of `split` (data/translation.py)."""
+    pairs = grain.MapDataset.source(split_numbers(data_config, split)).map(_pair)
+    return translation.make_translation_iterator(
+        pairs,
+        VOCAB,
+        src_len=option(data_config, "src_len"),
+        tgt_len=option(data_config, "tgt_len"),
+        global_batch_size=global_batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        repeat=repeat,
+        split=split,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
-def _example(number, src_len: int, tgt_len: int) -> dict[str, np.ndarray]:
-    return make_example(int(number), src_len, tgt_len)
+def _pair(number) -> tuple[str, str]:
+    return german(int(number)), english(int(number))

@@ -11,7 +11,7 @@ MAtt decoder option (Zhang, Titov & Sennrich 2019; variants.md sec. 1.4).
   mask: query i sees key j iff source token j is not a pad), scheme `scheme.for_stack("encoder")`
   so its layer indices count from 0 within the encoder.
 - Decoder: `num_layers` layers of [causal self-attention][cross-attention][FFN]
-  (`CrossDecoderLayer`), or with `Seq2SeqConfig.merged_attention` the MAtt layers
+  (`CrossDecoderLayer`), or with `model.merged_attention` the MAtt layers
   [averaged self-attention + cross-attention sharing W_v and W_o][FFN] (`MergedDecoderLayer`).
   Cross-attention keys are masked by the source padding.
 - Dropout on the embedding sums; Pre-LN stacks end with a final norm ("encoder_norm",
@@ -52,7 +52,6 @@ from deepscale_jax.schemes.base import Scheme
 class Seq2SeqConfig:
     """The seq2seq model's own options (`config.seq2seq`)."""
 
-    merged_attention: bool = False
     scale_embeddings: bool = False
 
 
@@ -90,7 +89,7 @@ class Seq2Seq(nn.Module):
             cfg.remat_policy,
             self.deterministic,
         )
-        merged = self.seq2seq.merged_attention
+        merged = cfg.merged_attention
         if self.decode:
             layer_cls, scan, remat = (
                 (MergedDecodeLayer if merged else CrossDecodeLayer),

@@ -102,7 +102,7 @@ def correlation_table(
     the stack's output), by the recursion of theory.md 2.2 written with components.py's maps.
 
     The stream starts as the embedding output (unit variance, correlation (1-p) r0). Each
-    sublayer ("attn", "cross", "ffn") merges a unit-variance block output of correlation
+    sublayer ("attn", "cross", "merged", "ffn") merges a unit-variance block output of correlation
     `attention_output_corr(p)` or `ffn_corr(r)` (r = the stream's correlation, which the norm in
     front of the block keeps) into the stream: x <- lambda x + beta f (components.residual_forward).
     """
@@ -112,7 +112,7 @@ def correlation_table(
     for _ in range(num_layers):
         table.append(x.corr)
         for kind in sublayers:
-            r_block = attention_output_corr(p) if kind in ("attn", "cross") else ffn_corr(x.corr)
+            r_block = attention_output_corr(p) if kind != "ffn" else ffn_corr(x.corr)
             x = components.residual_forward(x, f=Signal(0.0, 1.0, r_block), lam=lam, beta=beta)
     table.append(x.corr)
     return np.asarray(table, np.float64)
@@ -195,9 +195,7 @@ class DeepScaleLMScheme(Scheme):
 
     @property
     def sublayers(self) -> tuple[str, ...]:
-        if self.model.architecture == "encoder_decoder" and self.stack == "decoder":
-            return ("attn", "cross", "ffn")
-        return ("attn", "ffn")
+        return self.model.sublayers(self.stack)
 
     @property
     def ffn_std(self) -> float:

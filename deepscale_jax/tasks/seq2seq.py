@@ -1,5 +1,7 @@
-"""Sequence-to-sequence translation (`task = "seq2seq"`): German number words -> English number
-words (data/numbers.py) with the encoder-decoder Transformer (models/seq2seq.py).
+"""Sequence-to-sequence translation (`task = "seq2seq"`) with the encoder-decoder Transformer
+(models/seq2seq.py). Data (`data.name`, `TRANSLATION_DATA`): "numbers", German number words ->
+English number words (data/numbers.py, the offline default), or the real "wmt14_translate" /
+"wmt17_translate" de-en with a SentencePiece vocabulary (data/wmt.py).
 
 Loss (training): label-smoothed cross-entropy over the target tokens (Szegedy et al. 2016;
 Vaswani et al. 2017 sec. 5.4, eps_ls = `seq2seq.label_smoothing` = 0.1):
@@ -8,7 +10,9 @@ Eval, per split over its first `train.eval_batches` batches (a fixed set of exam
 iterators are unshuffled):
 - `loss`: the plain (unsmoothed) cross-entropy in nats per target token; `accuracy`: teacher-
   forced token accuracy (argmax == target, EOS included);
-- from greedy decoding (decode.py, KV cache, up to data.tgt_len tokens): `exact_match`, the
+- from decoding (decode.py, KV cache, up to data.tgt_len tokens; `seq2seq.eval_decode` =
+  "greedy", or "beam" with `seq2seq.beam_size` and the length penalty `seq2seq.length_penalty`,
+  Vaswani et al. sec. 6.1: 4 and 0.6): `exact_match`, the
   fraction of sentences whose decoded text equals the reference, and `bleu`, corpus BLEU of
   sacrebleu (default 13a tokenisation, exp smoothing) computed from its sufficient statistics
   (n-gram matches/totals, hypothesis/reference lengths), which add up over batches; the text
@@ -17,6 +21,8 @@ iterators are unshuffled):
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -26,8 +32,9 @@ import numpy as np
 import optax
 from sacrebleu.metrics import BLEU
 
-from deepscale_jax.data import numbers
-from deepscale_jax.decode import greedy_decode
+from deepscale_jax.data import numbers, wmt
+from deepscale_jax.data.translation import Vocabulary
+from deepscale_jax.decode import SpecialIds, beam_search, greedy_decode
 from deepscale_jax.metrics import token_cross_entropy
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models import Seq2SeqConfig, build_model
@@ -36,12 +43,25 @@ from deepscale_jax.schemes.base import Scheme
 from deepscale_jax.tasks.base import Batch, Task
 
 BLEU_STATS = 10  # 4 n-gram match counts, 4 n-gram totals, hypothesis length, reference length
+# data.name -> the module with option(), vocabulary(), DEFAULTS and the batch iterator.
+TRANSLATION_DATA: dict[str, ModuleType] = {
+    "numbers": numbers,
+    **{name: wmt for name in wmt.DATASETS},
+}
+EVAL_DECODES = ("greedy", "beam")
 
 
-def bleu_statistics(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def data_module(config: ml_collections.ConfigDict) -> ModuleType:
+    name = config.data.name
+    if name not in TRANSLATION_DATA:
+        raise ValueError(f"unknown data.name={name!r}; accepted: {', '.join(TRANSLATION_DATA)}")
+    return TRANSLATION_DATA[name]
+
+
+def bleu_statistics(predictions: np.ndarray, targets: np.ndarray, vocab: Vocabulary) -> np.ndarray:
     """(10,) float32 sacrebleu sufficient statistics of decoded token rows vs reference rows."""
-    hyps = [numbers.decode(row) for row in np.asarray(predictions)]
-    refs = [numbers.decode(row) for row in np.asarray(targets)]
+    hyps = [vocab.decode(row) for row in np.asarray(predictions)]
+    refs = [vocab.decode(row) for row in np.asarray(targets)]
     score = BLEU().corpus_score(hyps, [refs])
     stats = [*score.counts, *score.totals, score.sys_len, score.ref_len]
     return np.asarray(stats, np.float32)
@@ -56,7 +76,6 @@ def bleu_from_statistics(stats) -> float:
 def seq2seq_config(config: ml_collections.ConfigDict) -> Seq2SeqConfig:
     section = config.get("seq2seq") or {}
     return Seq2SeqConfig(
-        merged_attention=bool(section.get("merged_attention", False)),
         scale_embeddings=bool(section.get("scale_embeddings", False)),
     )
 
@@ -68,15 +87,19 @@ class Seq2SeqTask(Task):
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict, model: ModelConfig) -> None:
         check_encoder_decoder(model)
-        if config.data.name != "numbers":
-            raise ValueError(f"unknown data.name={config.data.name!r}; accepted: numbers")
-        if model.vocab_size != numbers.VOCAB_SIZE:
+        data = data_module(config)
+        if data is numbers and model.vocab_size != numbers.VOCAB_SIZE:
             raise ValueError(
                 f"model.vocab_size={model.vocab_size} must be {numbers.VOCAB_SIZE}: 256 bytes "
                 "+ PAD + BOS + EOS"
             )
+        if data is wmt and model.vocab_size != wmt.option(config.data, "vocab_size"):
+            raise ValueError(
+                f"model.vocab_size={model.vocab_size} must equal the SentencePiece "
+                f"data.vocab_size={wmt.option(config.data, 'vocab_size')}"
+            )
         for name in ("src_len", "tgt_len"):
-            length = numbers.option(config.data, name)
+            length = data.option(config.data, name)
             if length > model.max_len:
                 raise ValueError(
                     f"data.{name}={length} is longer than the position table "
@@ -85,17 +108,42 @@ class Seq2SeqTask(Task):
         smoothing = config.seq2seq.label_smoothing
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"seq2seq.label_smoothing={smoothing!r} must lie in [0, 1)")
+        section = config.seq2seq
+        if section.eval_decode not in EVAL_DECODES:
+            raise ValueError(
+                f"unknown seq2seq.eval_decode={section.eval_decode!r}; accepted: "
+                f"{', '.join(EVAL_DECODES)}"
+            )
+        if not (isinstance(section.beam_size, int) and section.beam_size >= 1):
+            raise ValueError(f"seq2seq.beam_size={section.beam_size!r} must be an integer >= 1")
+        if not section.length_penalty >= 0.0:
+            raise ValueError(f"seq2seq.length_penalty={section.length_penalty!r} must be >= 0")
 
     def build_model(self, model: ModelConfig, scheme: Scheme):
         return build_model("seq2seq", model, scheme, seq2seq=seq2seq_config(self.config))
 
     @property
+    def data(self) -> ModuleType:
+        return data_module(self.config)
+
+    @functools.cached_property
+    def vocab(self) -> Vocabulary:
+        """The data's vocabulary (for WMT loaded, or trained once, on first use)."""
+        vocab = self.data.vocabulary(self.config.data)
+        if vocab.vocab_size > self.model.config.vocab_size:
+            raise ValueError(
+                f"the vocabulary has {vocab.vocab_size} ids > model.vocab_size="
+                f"{self.model.config.vocab_size}"
+            )
+        return vocab
+
+    @property
     def src_len(self) -> int:
-        return numbers.option(self.config.data, "src_len")
+        return self.data.option(self.config.data, "src_len")
 
     @property
     def tgt_len(self) -> int:
-        return numbers.option(self.config.data, "tgt_len")
+        return self.data.option(self.config.data, "tgt_len")
 
     def init_inputs(self) -> tuple[jax.Array, ...]:
         return (
@@ -106,7 +154,7 @@ class Seq2SeqTask(Task):
 
     def iterator(self, split: str, training: bool) -> Any:
         train = self.config.train
-        return numbers.make_numbers_iterator(
+        return self.data.make_iterator(
             self.config.data,
             split=split,
             global_batch_size=train.batch_size,
@@ -142,12 +190,10 @@ class Seq2SeqTask(Task):
         targets, weights = batch["targets"], batch["weights"]
         total, count = token_cross_entropy(logits, targets, weights)
         correct = (jnp.argmax(logits, axis=-1) == targets) * weights
-        decoded = greedy_decode(
-            self.model, params, batch["inputs"], batch["inputs_valid"], self.tgt_len
-        )
+        decoded = self.decode(params, batch["inputs"], batch["inputs_valid"])
         same = jnp.all(decoded == targets, axis=-1)  # both PAD after EOS
         stats = jax.pure_callback(
-            bleu_statistics,
+            functools.partial(bleu_statistics, vocab=self.vocab),
             jax.ShapeDtypeStruct((BLEU_STATS,), jnp.float32),
             decoded,
             targets,
@@ -161,6 +207,22 @@ class Seq2SeqTask(Task):
         }
         out.update({f"bleu_stat_{i}": stats[i] for i in range(BLEU_STATS)})
         return out
+
+    def decode(self, params: Any, inputs: jax.Array, inputs_valid: jax.Array) -> jax.Array:
+        """(B, tgt_len) decoded ids (EOS, then PAD) by `seq2seq.eval_decode`."""
+        section, ids = self.config.seq2seq, SpecialIds.of(self.vocab)
+        if section.eval_decode == "greedy":
+            return greedy_decode(self.model, params, inputs, inputs_valid, self.tgt_len, ids)
+        return beam_search(
+            self.model,
+            params,
+            inputs,
+            inputs_valid,
+            self.tgt_len,
+            ids,
+            beam_size=section.beam_size,
+            alpha=section.length_penalty,
+        )[0]
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         count = totals["count"]

@@ -25,22 +25,22 @@ def test_splits_are_disjoint_by_number_and_fixed():
 
 def test_example_layout():
     ex = numbers.make_example(21, 20, 16)
-    assert numbers.decode(ex["inputs"]) == "einundzwanzig"
-    assert numbers.decode(ex["targets"]) == "twenty-one"
-    assert ex["decoder_inputs"][0] == numbers.BOS_ID
+    assert numbers.VOCAB.decode(ex["inputs"]) == "einundzwanzig"
+    assert numbers.VOCAB.decode(ex["targets"]) == "twenty-one"
+    assert ex["decoder_inputs"][0] == numbers.VOCAB.bos_id
     np.testing.assert_array_equal(ex["decoder_inputs"][1:11], ex["targets"][:10])
-    assert ex["targets"][10] == numbers.EOS_ID and ex["inputs"][13] == numbers.EOS_ID
+    assert ex["targets"][10] == numbers.VOCAB.eos_id and ex["inputs"][13] == numbers.VOCAB.eos_id
     assert ex["weights"].sum() == 11 and ex["inputs_valid"].sum() == 14
 
 
 def test_iterator_resumes_exactly():
     cfg = config(max_number=999, validation_size=10, test_size=10, src_len=48, tgt_len=48)
     kwargs = dict(split="train", global_batch_size=4, seed=0, shuffle=True, repeat=True)
-    it = numbers.make_numbers_iterator(cfg, **kwargs)
+    it = numbers.make_iterator(cfg, **kwargs)
     next(it)
     state = it.get_state()
     expected = next(it)
-    fresh = numbers.make_numbers_iterator(cfg, **kwargs)
+    fresh = numbers.make_iterator(cfg, **kwargs)
     fresh.set_state(state)
     got = next(fresh)
     for key in expected:

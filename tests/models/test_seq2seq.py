@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from deepscale_jax import decode
-from deepscale_jax.data.numbers import BOS_ID, PAD_ID
+from deepscale_jax.data.numbers import VOCAB
 from deepscale_jax.model_config import ModelConfig
-from deepscale_jax.models.seq2seq import Seq2Seq, Seq2SeqConfig, decode_params
+from deepscale_jax.models.seq2seq import Seq2Seq, decode_params
 from deepscale_jax.nn.attention import causal_average
 from deepscale_jax.schemes import build_scheme
+
+IDS = decode.SpecialIds.of(VOCAB)
 
 
 def make_model(merged, scan=True, placement="post", scheme="xavier"):
@@ -27,13 +29,14 @@ def make_model(merged, scan=True, placement="post", scheme="xavier"):
         position_embedding="sinusoidal",
         norm_placement=placement,
         scan_layers=scan,
+        merged_attention=merged,
     )
-    model = Seq2Seq(cfg, build_scheme({"name": scheme}, cfg), Seq2SeqConfig(merged))
+    model = Seq2Seq(cfg, build_scheme({"name": scheme}, cfg))
     rng = np.random.default_rng(0)
     src = jnp.asarray(rng.integers(0, 256, (3, 10)), jnp.int32)
     valid = jnp.asarray(np.arange(10)[None] < np.array([[10], [6], [3]]))
-    src = jnp.where(valid, src, PAD_ID)
-    tgt = jnp.asarray(rng.integers(0, 256, (3, 8)), jnp.int32).at[:, 0].set(BOS_ID)
+    src = jnp.where(valid, src, VOCAB.pad_id)
+    tgt = jnp.asarray(rng.integers(0, 256, (3, 8)), jnp.int32).at[:, 0].set(VOCAB.bos_id)
     params = jax.jit(model.init)(jax.random.PRNGKey(1), src, valid, tgt)["params"]
     return model, params, src, valid, tgt
 
@@ -49,7 +52,7 @@ def test_cached_incremental_decoding_equals_full_recompute_at_every_step(merged,
     """KV cache (self + cross) and MAtt's running sum give the teacher-forced logits."""
     model, params, src, valid, tgt = make_model(merged, scan, placement)
     full = jax.jit(model.apply)({"params": params}, src, valid, tgt)
-    start = jax.jit(lambda p, s, v: decode._start(model, p, s, v, 3, 8)[1:])
+    start = jax.jit(lambda p, s, v: decode._start(model, p, s, v, 3, 8, VOCAB.bos_id)[1:])
     dmodel = decode.decoding_model(model)
     dparams, encoded, dvalid, cache = start(params, src, valid)
     step = jax.jit(decode._step, static_argnums=0)
@@ -78,17 +81,19 @@ def test_matt_has_no_self_attention_and_shares_value_projection():
 
 def test_beam_search_with_beam_one_is_greedy():
     model, params, src, valid, _ = make_model(merged=True)
-    greedy = jax.jit(decode.greedy_decode, static_argnums=(0, 4))(model, params, src, valid, 8)
-    beam_search = jax.jit(decode.beam_search, static_argnums=(0, 4, 5))
-    beam, _ = beam_search(model, params, src, valid, 8, 1)
+    greedy = jax.jit(decode.greedy_decode, static_argnums=(0, 4, 5))(
+        model, params, src, valid, 8, IDS
+    )
+    beam_search = jax.jit(decode.beam_search, static_argnums=(0, 4, 5, 6))
+    beam, _ = beam_search(model, params, src, valid, 8, IDS, 1)
     np.testing.assert_array_equal(beam, greedy)
 
 
 @pytest.mark.slow
 def test_greedy_decode_equals_argmax_of_full_recompute():
     model, params, src, valid, _ = make_model(merged=False)
-    out = decode.greedy_decode(model, params, src, valid, 8)
-    shifted = jnp.concatenate([jnp.full((3, 1), BOS_ID), out[:, :-1]], axis=1)
+    out = decode.greedy_decode(model, params, src, valid, 8, IDS)
+    shifted = jnp.concatenate([jnp.full((3, 1), VOCAB.bos_id), out[:, :-1]], axis=1)
     logits = model.apply({"params": params}, src, valid, shifted)
     np.testing.assert_array_equal(out, jnp.argmax(logits, -1))  # no EOS in a random model
 
@@ -96,8 +101,8 @@ def test_greedy_decode_equals_argmax_of_full_recompute():
 @pytest.mark.slow
 def test_beam_four_scores_at_least_greedy():
     model, params, src, valid, _ = make_model(merged=False)
-    _, beam_scores = decode.beam_search(model, params, src, valid, 8, beam_size=4)
-    _, greedy_scores = decode.beam_search(model, params, src, valid, 8, beam_size=1)
+    _, beam_scores = decode.beam_search(model, params, src, valid, 8, IDS, beam_size=4)
+    _, greedy_scores = decode.beam_search(model, params, src, valid, 8, IDS, beam_size=1)
     assert np.all(np.asarray(beam_scores) >= np.asarray(greedy_scores) - 1e-5)
 
 
@@ -105,7 +110,7 @@ def test_beam_four_scores_at_least_greedy():
 def test_encoder_padding_never_changes_non_pad_outputs(merged):
     model, params, src, valid, tgt = make_model(merged)
     other = jnp.where(valid, src, 7)  # different tokens under the pads
-    longer = jnp.concatenate([other, jnp.full((3, 4), PAD_ID)], axis=1)
+    longer = jnp.concatenate([other, jnp.full((3, 4), VOCAB.pad_id)], axis=1)
     longer_valid = jnp.concatenate([valid, jnp.zeros((3, 4), bool)], axis=1)
     encode = jax.jit(lambda p, s, v: model.apply({"params": p}, s, v, method=Seq2Seq.encode))
     enc, enc2 = encode(params, src, valid), encode(params, longer, longer_valid)

@@ -1,10 +1,22 @@
 """Attention paths agree; masks are explicit."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepscale_jax.nn.attention import causal_mask, combine_masks, explicit_attention, padding_mask
+from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.nn.attention import (
+    CROSS_ROLES,
+    MultiHeadAttention,
+    causal_average,
+    causal_mask,
+    combine_masks,
+    explicit_attention,
+    padding_mask,
+)
+from deepscale_jax.nn.initializers import LayerInit
+from deepscale_jax.schemes import build_scheme
 
 
 def _qkv(seed=0, b=2, t=8, h=2, d=4):
@@ -34,3 +46,24 @@ def test_explicit_path_matches_naive_softmax():
 def test_causal_mask_is_lower_triangular():
     m = np.asarray(causal_mask(4))[0, 0]
     assert m[2, 2] and m[3, 0] and not m[0, 1]
+
+
+def test_matt_is_averaged_self_attention_plus_cross_attention_with_tied_v_and_o():
+    """MAtt(S, H) = [M_a (S W_v) + softmax(...) (H W_v)] W_o (variants.md sec. 1.4): with the same
+    weights, MAtt minus plain cross-attention is the SAAN branch (M_a (S W_v + b_v)) W_o."""
+    cfg = ModelConfig(d_model=16, num_heads=2, architecture="encoder_decoder")
+    init = LayerInit(build_scheme({"name": "xavier"}, cfg).for_stack("decoder"))
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+    target_valid = jnp.asarray([[True] * 5, [True] * 3 + [False] * 2])
+    merged = MultiHeadAttention(2, roles=CROSS_ROLES, merged=True)
+    cross = MultiHeadAttention(2, roles=CROSS_ROLES)
+    params = merged.init(jax.random.PRNGKey(0), s, None, init, True, h, target_valid)["params"]
+    params = nn.unbox(params)
+    out = merged.apply({"params": params}, s, None, init, True, h, target_valid)
+    plain = cross.apply({"params": params}, s, None, init, True, h)
+    v, o = params["cross_v"], params["cross_out"]
+    values = jnp.einsum("btd,dhk->bthk", s, v["kernel"]) + v["bias"]
+    saan = jnp.einsum("bthk,hkd->btd", causal_average(values, target_valid), o["kernel"])
+    np.testing.assert_allclose(out, plain + saan, atol=1e-5)

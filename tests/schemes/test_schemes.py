@@ -130,3 +130,21 @@ def test_patch_embed_std_comes_from_the_kernel_fan_in():
 def test_stack_must_exist_in_the_architecture():
     with pytest.raises(ValueError, match="architecture='decoder_only' has no stack 'encoder'"):
         build_scheme({"name": "xavier"}, CFG).for_stack("encoder")
+
+
+@pytest.mark.parametrize(("merged", "per_layer"), [(False, 3), (True, 2)])
+def test_dslm_residual_beta_counts_the_decoder_sublayers(merged, per_layer):
+    """beta^2 = k / (merges along the stream): [self, cross, FFN] or MAtt's [merged, FFN]."""
+    cfg = dataclasses.replace(
+        CFG, architecture="encoder_decoder", encoder_layers=2, merged_attention=merged
+    )
+    decoder = build_scheme({"name": "dslm", "k": 2.0}, cfg).for_stack("decoder")
+    assert cfg.residual_merges("decoder") == per_layer * cfg.num_layers
+    assert decoder.residual(0)[1] ** 2 == pytest.approx(2.0 / (per_layer * cfg.num_layers))
+    encoder = decoder.for_stack("encoder")
+    assert encoder.residual(0)[1] ** 2 == pytest.approx(2.0 / (2 * 2))
+
+
+def test_merged_attention_needs_an_encoder_decoder_model():
+    with pytest.raises(ValueError, match="model.merged_attention=True"):
+        dataclasses.replace(CFG, merged_attention=True).validate()
