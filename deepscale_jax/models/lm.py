@@ -4,6 +4,8 @@ h_0 = Dropout(E[tokens] + P[positions]); h_N = Stack(h_0) under a causal (and op
 mask; Pre-LN adds a final norm (Xiong et al. 2020), Post-LN ends normalised already. Logits are
 h_N E^T with a tied embedding, or h_N W_head with an untied one, times the scheme's fixed
 `logit_scale()` (1 except for DeepScaleLM with tied embeddings).
+With `model.memory_tokens` > 0 the stack runs on [memory ; sequence] (models/memory.py) and
+the memory rows are dropped before the logits.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import jax
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models import trunk
-from deepscale_jax.nn.attention import causal_mask, combine_masks, padding_mask
+from deepscale_jax.models.memory import memory_mask, prepend_memory, strip_memory
+from deepscale_jax.nn.attention import MaskSpec
 from deepscale_jax.schemes.base import Scheme
 
 
@@ -33,8 +36,10 @@ class DecoderLM(nn.Module):
         cfg = self.config
         x, embed = trunk.embed_tokens(tokens, cfg, self.scheme)
         x = trunk.stack_input(self, x, cfg, deterministic)
-        mask = causal_mask(tokens.shape[1])
-        if valid is not None:
-            mask = combine_masks(mask, padding_mask(valid, valid))
+        mask = MaskSpec(kv_valid=valid, causal=True)  # every attention kernel takes it
+        if cfg.memory_tokens:
+            mask = memory_mask(valid, *tokens.shape, cfg, causal=True)
+            x = prepend_memory(x, cfg, self.scheme)
         x = trunk.layer_stack(x, mask, cfg, self.scheme, deterministic, name="decoder")
+        x = strip_memory(x, cfg)
         return trunk.vocab_logits(x, embed, cfg, self.scheme)

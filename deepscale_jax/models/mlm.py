@@ -8,29 +8,25 @@ differs). Pre-LN adds a final norm; logits are h_N E^T (tied, Press & Wolf 2017)
 times the scheme's fixed `logit_scale()` (as in the LM).
 Because every key mask hides the pads and positions are absolute, outputs at valid positions do
 not depend on the pad tokens or on how many pads follow.
+With `model.memory_tokens` > 0 the stack runs on [memory ; sequence] (models/memory.py) and
+the memory rows are dropped before the logits.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models import trunk
-from deepscale_jax.nn.attention import padding_mask
+from deepscale_jax.models.memory import memory_mask, prepend_memory, strip_memory
+from deepscale_jax.nn.attention import MaskSpec
 from deepscale_jax.schemes.base import Scheme
 
 
 def check_encoder_only(cfg: ModelConfig, what: str) -> None:
     if cfg.architecture != "encoder_only":
         raise ValueError(f"the {what} is encoder-only; got model.architecture={cfg.architecture!r}")
-
-
-def key_padding_mask(valid: jax.Array) -> jax.Array:
-    """(B, 1, T, T): every query may attend to exactly the valid keys. Pad queries keep valid
-    keys too, so no softmax row is empty."""
-    return padding_mask(jnp.ones_like(valid, bool), valid.astype(bool))
 
 
 class EncoderMLM(nn.Module):
@@ -50,6 +46,11 @@ class EncoderMLM(nn.Module):
         check_encoder_only(cfg, "MLM")
         x, embed = trunk.embed_tokens(tokens, cfg, self.scheme)
         x = trunk.stack_input(self, x, cfg, deterministic)
-        mask = None if valid is None else key_padding_mask(valid)
+        # Every query attends to exactly the valid keys (pad queries too: no empty softmax row).
+        mask = None if valid is None else MaskSpec(kv_valid=valid)
+        if cfg.memory_tokens:
+            mask = memory_mask(valid, x.shape[0], x.shape[1], cfg, causal=False)
+            x = prepend_memory(x, cfg, self.scheme)
         x = trunk.layer_stack(x, mask, cfg, self.scheme, deterministic, name="encoder")
+        x = strip_memory(x, cfg)
         return trunk.vocab_logits(x, embed, cfg, self.scheme)

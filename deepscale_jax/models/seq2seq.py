@@ -5,11 +5,16 @@ MAtt decoder option (Zhang, Titov & Sennrich 2019; variants.md sec. 1.4).
   (Vaswani et al. sec. 3.4; Press & Wolf 2017), or an untied "head" if `tie_embeddings=False`;
   times the scheme's fixed `logit_scale()`. `Seq2SeqConfig.scale_embeddings` multiplies E[x] by
   sqrt(d_model) as in the paper (off by default: the schemes set the embedding std themselves).
+  With `model.fix_norm` (FixNorm, Nguyen & Salazar 2019) the embedding itself gives
+  sqrt(d) w_hat[x] and logits h w_hat^T (nn/embed.py): that sqrt(d) is the reference's one
+  embedding scale (tnq177/transformers_without_tears multiplies the normalised rows by sqrt(d)
+  once), so `scale_embeddings` adds no second factor under fix_norm.
 - Positions as `model.position_embedding` says (sinusoidal PE(pos, 2i) = sin(pos/10000^(2i/d)),
   PE(pos, 2i+1) = cos(...) in the paper), one table for both sides.
 - Encoder: `encoder_layers` bidirectional layers (nn/block.py `DecoderLayer` with a key padding
   mask: query i sees key j iff source token j is not a pad), scheme `scheme.for_stack("encoder")`
-  so its layer indices count from 0 within the encoder.
+  so its layer indices count from 0 within the encoder. With `model.memory_tokens` m learned
+  memory rows go in front of the source (models/memory.py) and the decoder reads them too.
 - Decoder: `num_layers` layers of [causal self-attention][cross-attention][FFN]
   (`CrossDecoderLayer`), or with `model.merged_attention` the MAtt layers
   [averaged self-attention + cross-attention sharing W_v and W_o][FFN] (`MergedDecoderLayer`).
@@ -32,18 +37,19 @@ import jax
 import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
-from deepscale_jax.nn.attention import causal_mask, padding_mask
+from deepscale_jax.models.memory import MemoryTokens, memory_mask, memory_valid
+from deepscale_jax.nn.attention import MaskSpec
 from deepscale_jax.nn.block import (
     CrossDecodeLayer,
     CrossDecoderLayer,
-    DecoderLayer,
     MergedDecodeLayer,
     MergedDecoderLayer,
+    layer_class,
 )
 from deepscale_jax.nn.embed import PositionEmbed, TokenEmbed
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.nn.linear import Dense
-from deepscale_jax.nn.norms import make_norm
+from deepscale_jax.nn.norms import norm_from_config
 from deepscale_jax.nn.stack import LayerStack, unstack_layers
 from deepscale_jax.schemes.base import Scheme
 
@@ -75,13 +81,19 @@ class Seq2Seq(nn.Module):
         check_encoder_decoder(cfg)
         dtype = jnp.dtype(cfg.dtype)
         init = LayerInit(self.scheme)
-        self.embed = TokenEmbed(cfg.vocab_size, cfg.d_model, init.for_role("embed"), dtype)
+        self.embed = TokenEmbed(
+            cfg.vocab_size, cfg.d_model, init.for_role("embed"), dtype, fix_norm=cfg.fix_norm
+        )
         self.pos_embed = PositionEmbed(
             cfg.max_len, cfg.position_embedding, init.for_role("pos_embed"), dtype
         )
         self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.memory_tokens:
+            self.memory = MemoryTokens(
+                cfg.memory_tokens, init.for_role("embed"), dtype, name="memory"
+            )
         self.encoder = LayerStack(
-            DecoderLayer,
+            layer_class(cfg),
             cfg,
             self.scheme.for_stack("encoder"),
             cfg.stack_depth("encoder"),
@@ -109,8 +121,8 @@ class Seq2Seq(nn.Module):
             self.deterministic,
         )
         if cfg.norm_placement == "pre":
-            self.encoder_norm = make_norm(cfg.norm, cfg.norm_eps, dtype, None)
-            self.decoder_norm = make_norm(cfg.norm, cfg.norm_eps, dtype, None)
+            self.encoder_norm = norm_from_config(cfg, None)
+            self.decoder_norm = norm_from_config(cfg, None)
         if not cfg.tie_embeddings:
             self.head = Dense(
                 (cfg.vocab_size,),
@@ -121,10 +133,11 @@ class Seq2Seq(nn.Module):
             )
 
     def _embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
-        """Dropout(E[tokens] (* sqrt(d)) + P[start + positions])."""
+        """Dropout(E[tokens] (* sqrt(d)) + P[start + positions]); with fix_norm the embedding
+        is sqrt(d) w_hat[tokens] already, and scale_embeddings adds nothing."""
         cfg = self.config
         x = self.embed(tokens)
-        if self.seq2seq.scale_embeddings:
+        if self.seq2seq.scale_embeddings and not cfg.fix_norm:
             x = x * math.sqrt(cfg.d_model)
         if isinstance(start, int) and start == 0:
             x = self.pos_embed(x)
@@ -134,10 +147,16 @@ class Seq2Seq(nn.Module):
         return self.dropout(x, deterministic=self.deterministic)
 
     def encode(self, inputs: jax.Array, inputs_valid: jax.Array) -> jax.Array:
-        """(B, S, d) encoder output for source tokens (B, S) with validity (B, S)."""
+        """(B, S, d) encoder output for source tokens (B, S) with validity (B, S); with memory
+        tokens (B, m + S, d), [memory ; source] (models/memory.py)."""
         x = self._embed(inputs)
         valid = inputs_valid.astype(bool)
-        x = self.encoder(x, padding_mask(jnp.ones_like(valid), valid))
+        if self.config.memory_tokens:
+            mask = memory_mask(valid, *inputs.shape, self.config, causal=False)
+            x = self.memory(x)
+        else:
+            mask = MaskSpec(kv_valid=valid)
+        x = self.encoder(x, mask)
         if self.config.norm_placement == "pre":
             x = self.encoder_norm(x)
         return x
@@ -158,12 +177,14 @@ class Seq2Seq(nn.Module):
         position; `targets_valid` only enters MAtt's average (variants.md sec. 1.4)."""
         cfg = self.config
         x = self._embed(decoder_inputs, step)
-        length = decoder_inputs.shape[1]
         if from_cache and not self.decode:
             raise ValueError("from_cache needs the decode=True model (decode.py)")
         cached = from_cache
-        self_mask = None if cached else causal_mask(length)
-        context_mask = inputs_valid.astype(bool)[:, None, None, :]
+        self_mask = None if cached else MaskSpec(causal=True)
+        context_valid = inputs_valid.astype(bool)
+        if cfg.memory_tokens:  # the decoder reads [memory ; source]
+            context_valid = memory_valid(context_valid, *inputs_valid.shape, cfg.memory_tokens)
+        context_mask = MaskSpec(kv_valid=context_valid)
         query_valid = None if targets_valid is None or cached else targets_valid.astype(bool)
         x = self.decoder(x, self_mask, encoded, context_mask, query_valid)
         if cfg.norm_placement == "pre":

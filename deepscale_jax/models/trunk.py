@@ -1,7 +1,9 @@
 """The parts every model shares, called from inside a model's `@nn.compact` `__call__`.
 
 Every model is embeddings -> one stack of nn/block.py layers -> (final norm) -> head:
-- `embed_tokens`: h_0 = E[tokens] + P[positions] (roles "embed", "pos_embed");
+- `embed_tokens`: h_0 = E[tokens] + P[positions] (roles "embed", "pos_embed"); with
+  `model.fix_norm` (FixNorm, Nguyen & Salazar 2019) E[tokens] is sqrt(d) times the unit-norm row
+  and the tied logits use the unit-norm rows (nn/embed.py `TokenEmbed`);
 - `stack_input`: Dropout(h_0) with the measurement hooks on it ("embed_out": `perturb` for its
   gradient, `sow` for its value; theory/model.py reads them), no-ops in training;
 - `layer_stack`: the N residual layers under the model's mask (causal for the LM, key padding
@@ -19,11 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
-from deepscale_jax.nn.block import DecoderLayer
+from deepscale_jax.nn.block import layer_class
 from deepscale_jax.nn.embed import PositionEmbed, TokenEmbed
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.nn.linear import Dense
-from deepscale_jax.nn.norms import make_norm
+from deepscale_jax.nn.norms import norm_from_config
 from deepscale_jax.nn.stack import LayerStack
 from deepscale_jax.schemes.base import Scheme
 
@@ -48,6 +50,7 @@ def embed_tokens(
         cfg.d_model,
         LayerInit(scheme).for_role("embed"),
         jnp.dtype(cfg.dtype),
+        fix_norm=cfg.fix_norm,
         name="embed",
     )
     return add_positions(embed(tokens), cfg, scheme), embed
@@ -74,7 +77,7 @@ def layer_stack(
     """The model's `num_layers` residual layers (scanned or not, remat as configured), then the
     final norm of a Pre-LN stack."""
     x = LayerStack(
-        DecoderLayer,
+        layer_class(cfg),
         cfg,
         scheme,
         cfg.num_layers,
@@ -84,12 +87,13 @@ def layer_stack(
         name=name,
     )(x, mask)
     if cfg.norm_placement == "pre":
-        x = make_norm(cfg.norm, cfg.norm_eps, jnp.dtype(cfg.dtype), "final_norm")(x)
+        x = norm_from_config(cfg, "final_norm")(x)
     return x
 
 
 def vocab_logits(x: jax.Array, embed: TokenEmbed, cfg: ModelConfig, scheme: Scheme) -> jax.Array:
-    """(B, T, vocab) float32 logits: tied (`embed.attend`) or an untied "head" (role "head")."""
+    """(B, T, vocab) float32 logits: tied (`embed.attend`: h E^T, or h w_hat^T with fix_norm)
+    or an untied "head" (role "head")."""
     if cfg.tie_embeddings:
         logits = embed.attend(x)
     else:

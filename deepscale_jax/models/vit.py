@@ -9,6 +9,8 @@ pool="gap" the final states are averaged (global average pooling, the paper's se
 appendix D.3 alternative). Positions are a learned (or sinusoidal) table over the N (+1)
 tokens (role "pos_embed"). The layers are nn/block.py's residual layers without a mask
 (every patch sees every patch). Pre-LN ends with a final norm; the head has role "head".
+With `model.memory_tokens` > 0 the stack runs on [memory ; tokens] (models/memory.py) and the
+memory rows are dropped before pooling.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models import trunk
+from deepscale_jax.models.memory import memory_mask, prepend_memory, strip_memory
 from deepscale_jax.models.mlm import check_encoder_only
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.nn.linear import Dense
@@ -98,7 +101,12 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
         x = trunk.add_positions(x.astype(dtype), cfg, self.scheme)
         x = trunk.stack_input(self, x, cfg, deterministic)
-        x = trunk.layer_stack(x, None, cfg, self.scheme, deterministic, name="encoder")
+        mask = None
+        if cfg.memory_tokens:
+            mask = memory_mask(None, x.shape[0], x.shape[1], cfg, causal=False)
+            x = prepend_memory(x, cfg, self.scheme)
+        x = trunk.layer_stack(x, mask, cfg, self.scheme, deterministic, name="encoder")
+        x = strip_memory(x, cfg)
         pooled = x[:, 0] if vit.pool == "cls" else jnp.mean(x, axis=1)
         logits = Dense(
             (vit.num_classes,),

@@ -4,13 +4,18 @@ softmax(Q K^T / sqrt(d_head) + mask) V, then the output projection (Vaswani et a
 eq. 1). Q, K and V are separate projections so that a scheme can give each its own std
 (DeepScaleLM needs sigma_qk != sigma_v; Kedia et al. 2024, sec. 2.1 of the reference).
 
-Masks are boolean, True = may attend, shaped (batch, 1, q_len, kv_len). They are always
-explicit, never `is_causal` (top-left aligned in jax), so extra key columns stay correct.
+Masks are True = may attend and never `is_causal` (top-left aligned in jax), so extra key
+columns stay correct. Either a dense boolean (batch or 1, 1, q_len, kv_len) array
+(`causal_mask`, `padding_mask`, `combine_masks`) or a structured `MaskSpec` (causal or full,
+key padding, always-visible memory columns after the context), which every kernel takes.
 
-Paths (`model.attention_impl`):
-- "xla": `jax.nn.dot_product_attention(implementation="xla")`.
-- attention-probability dropout in training cannot go through that function, so it takes the
-  explicit einsum path below (the same math, plus dropout on the probabilities).
+The kernel is `model.attention_impl` (auto | xla | cudnn | splash | pallas_gpu), run by
+`nn.attention_backends.attend`: "xla" is `jax.nn.dot_product_attention(implementation="xla")`;
+"cudnn", "splash" (TPU) and "pallas_gpu" are fused flash-attention kernels with their own
+constraints (splash and pallas_gpu take only `MaskSpec` masks); "auto" picks the fastest that
+can run and logs why once. Attention-probability dropout in training is in no fused kernel, so
+it takes the explicit einsum path (`explicit_attention`: the same math plus dropout), whatever
+the impl. Cached one-token decoding always uses "xla".
 
 The same module serves cross-attention (roles cross_q/k/v/out), MAtt (`merged`, Zhang et al.
 2019) and cached one-token decoding (`decode`); see `MultiHeadAttention`.
@@ -18,13 +23,34 @@ The same module serves cross-attention (roles cross_q/k/v/out), MAtt (`merged`, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from deepscale_jax.nn.attention_backends import (
+    MaskSpec,
+    attend,
+    dense_mask,
+    explicit_attention,
+)
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.nn.linear import Dense
+from deepscale_jax.nn.memory import PersistentMemory, append_memory, with_memory_columns
+
+__all__ = [
+    "CROSS_ROLES",
+    "SELF_ROLES",
+    "MaskSpec",
+    "MultiHeadAttention",
+    "causal_average",
+    "causal_mask",
+    "combine_masks",
+    "explicit_attention",
+    "padding_mask",
+]
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -45,25 +71,6 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     for m in present[1:]:
         out = out & m
     return out
-
-
-def explicit_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array | None,
-    dropout: nn.Dropout | None = None,
-    deterministic: bool = True,
-) -> jax.Array:
-    """Reference softmax attention on (B, T, H, D) tensors; softmax in float32."""
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if dropout is not None:
-        probs = dropout(probs, deterministic=deterministic)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
 
 
 SELF_ROLES = ("q", "k", "v", "attn_out")
@@ -100,6 +107,9 @@ class MultiHeadAttention(nn.Module):
     t = cache_index: self-attention writes k_t, v_t at row t and attends to rows <= t; MAtt
     keeps sum_{k<=t} v_k and outputs it / (t + 1); cross-attention reads the cached keys and
     values (`context` is then unused).
+
+    `persistent_memory` = N > 0 joins N learned key/value slots per head to the keys and values
+    of self-attention, visible to every query (nn/memory.py; Sukhbaatar et al. 2019).
     """
 
     num_heads: int
@@ -110,12 +120,13 @@ class MultiHeadAttention(nn.Module):
     roles: tuple[str, str, str, str] = SELF_ROLES
     merged: bool = False
     decode: bool = False
+    persistent_memory: int = 0
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array | None,
+        mask: jax.Array | MaskSpec | None,
         init: LayerInit,
         deterministic: bool = True,
         context: jax.Array | None = None,
@@ -148,6 +159,8 @@ class MultiHeadAttention(nn.Module):
             k, v = k_proj(x), v_proj(x)
             if self.decode:
                 k, v, mask = self._self_cache(k, v, cached, index.value, mask)
+            if self.persistent_memory:
+                k, v, mask = self._with_persistent_memory(k, v, mask, head_dim)
         elif cached:
             k = self.variable("cache", "cross_key", jnp.zeros, ()).value
             v = self.variable("cache", "cross_value", jnp.zeros, ()).value
@@ -156,11 +169,11 @@ class MultiHeadAttention(nn.Module):
             if self.decode:
                 self.variable("cache", "cross_key", lambda: k)
                 self.variable("cache", "cross_value", lambda: v)
+        dropout = None
         if self.dropout_rate > 0.0 and not deterministic:
             dropout = nn.Dropout(self.dropout_rate, broadcast_dims=())
-            out = explicit_attention(q, k, v, mask, dropout, deterministic)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+        impl = "xla" if cached else self.impl  # one query row: nothing to fuse
+        out = attend(q, k, v, mask, impl, dropout=dropout, deterministic=deterministic)
         if self.merged:
             v_self = v_proj(x)
             if cached:
@@ -187,6 +200,18 @@ class MultiHeadAttention(nn.Module):
             name=out_role,
         )(out)
 
+    def _with_persistent_memory(self, k, v, mask, head_dim):
+        """Keys/values [context ; N persistent slots] and the mask with N always-visible
+        columns (nn/memory.py; Sukhbaatar et al. 2019)."""
+        n = self.persistent_memory
+        memory = PersistentMemory(n, self.num_heads, head_dim, self.dtype, name="persistent")()
+        k, v = append_memory(k, v, memory)
+        if isinstance(mask, MaskSpec):
+            mask = dataclasses.replace(mask, memory_columns=mask.memory_columns + n)
+        else:
+            mask = with_memory_columns(mask, n)
+        return k, v, mask
+
     def _self_cache(self, k, v, cached, index, mask):
         """Decoding: before the cache exists, create zero (B, L, H, D) key/value rows and
         attend as in training; afterwards write row `index` and attend to rows <= index."""
@@ -201,4 +226,6 @@ class MultiHeadAttention(nn.Module):
         cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v, start)
         length = cache_k.value.shape[1]
         step_mask = (jnp.arange(length) <= index)[None, None, None, :]
+        if isinstance(mask, MaskSpec):  # the step mask is the causal part at row `index`
+            mask = dense_mask(dataclasses.replace(mask, causal=False), 1, length)
         return cache_k.value, cache_v.value, combine_masks(step_mask, mask)

@@ -7,6 +7,10 @@ option adds the encoder-decoder decoder layers (Vaswani et al. 2017, sec. 3.1; Z
 - "cross":  [self-attention] [cross-attention] [FFN]  (`CrossDecoderLayer`)
 - "merged": [MAtt: averaged self-attention + cross-attention, shared W_v and W_o] [FFN]
             (`MergedDecoderLayer`; variants.md sec. 1.4).
+- "read":   [attention from x to `context` only, self-attention roles] [FFN]; the two steps of
+            a MemBottleneck layer (`BottleneckLayer`; Burtsev et al. 2020, variants.md sec. 5).
+`model.use_ffn=False` drops the FFN sublayer (the all-attention layer of Sukhbaatar et al. 2019,
+whose persistent memory, `model.persistent_memory`, lives in nn/attention.py).
 Cross-attention and MAtt take their weights from the roles cross_q/cross_k/cross_v/cross_out.
 `decode=True` runs them one token at a time against the "cache" collection (nn/attention.py).
 
@@ -38,7 +42,7 @@ from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.attention import CROSS_ROLES, SELF_ROLES, MultiHeadAttention
 from deepscale_jax.nn.initializers import LayerInit, zeros
 from deepscale_jax.nn.mlp import MLP
-from deepscale_jax.nn.norms import make_norm
+from deepscale_jax.nn.norms import norm_from_config
 
 
 def scaled(norm: Callable[[jax.Array], jax.Array], scale) -> Callable[[jax.Array], jax.Array]:
@@ -70,7 +74,7 @@ def residual_sublayer(
     raise ValueError(f"unknown model.norm_placement={placement!r}; accepted: pre, post")
 
 
-LAYER_KINDS = ("self", "cross", "merged")
+LAYER_KINDS = ("self", "cross", "merged", "read")
 
 
 class DecoderLayer(nn.Module):
@@ -115,7 +119,7 @@ class DecoderLayer(nn.Module):
         dropout = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
 
         def sublayer(x, branch, norm_name):
-            norm = make_norm(cfg.norm, cfg.norm_eps, dtype, norm_name)
+            norm = norm_from_config(cfg, norm_name)
             return residual_sublayer(
                 x, branch, scaled(norm, norm_scale), dropout, coefficients, cfg.norm_placement
             )
@@ -130,10 +134,25 @@ class DecoderLayer(nn.Module):
                 roles=roles,
                 merged=merged,
                 decode=self.decode,
+                persistent_memory=cfg.persistent_memory if roles == SELF_ROLES else 0,
                 name=name,
             )
 
-        if self.kind == "merged":
+        if self.kind == "read":  # keys/values from the context, normalised like a query
+            reader = attention(SELF_ROLES)
+            norm = scaled(norm_from_config(cfg, "attn_norm"), norm_scale)
+            kv = norm(context) if cfg.norm_placement == "pre" else context
+            x = residual_sublayer(
+                x,
+                lambda h: checkpoint_name(
+                    reader(h, context_mask, init, self.deterministic, kv), "attn_out"
+                ),
+                norm,
+                dropout,
+                coefficients,
+                cfg.norm_placement,
+            )
+        elif self.kind == "merged":
             merged = attention(CROSS_ROLES, merged=True, name="merged_attn")
             x = sublayer(
                 x,
@@ -161,8 +180,9 @@ class DecoderLayer(nn.Module):
                 ),
                 "cross_norm",
             )
-        mlp = MLP(cfg.d_ff, cfg.activation, cfg.use_bias, dtype, name="ffn")
-        x = sublayer(x, lambda h: checkpoint_name(mlp(h, init), "ffn_out"), "ffn_norm")
+        if cfg.use_ffn:
+            mlp = MLP(cfg.d_ff, cfg.activation, cfg.use_bias, dtype, name="ffn")
+            x = sublayer(x, lambda h: checkpoint_name(mlp(h, init), "ffn_out"), "ffn_norm")
         x = self.perturb("residual", x)
         self.sow("intermediates", "residual", x)
         return x, None
@@ -192,3 +212,39 @@ class MergedDecodeLayer(DecoderLayer):
 
     kind: str = "merged"
     decode: bool = True
+
+
+class BottleneckLayer(nn.Module):
+    """One MemBottleneck layer on x = [memory ; sequence] (B, m + T, d) (Burtsev et al. 2020;
+    variants.md sec. 5):
+        H^mem_{l+1} = Layer^mem_l(queries H^mem_l, keys/values [H^mem_l ; H^seq_l]),
+        H^seq_{l+1} = Layer_l(queries H^seq_l, keys/values H^mem_{l+1}),
+    two "read" layers with their own weights ("memory", "sequence"; init keys folded from the
+    layer's key). `mask` is the (B, 1, 1, m + T) key mask of the memory step. Same signature as
+    `DecoderLayer`, so `LayerStack` scans it."""
+
+    config: ModelConfig
+    scheme: object
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, index: jax.Array, key: jax.Array, mask: jax.Array | None
+    ) -> tuple[jax.Array, None]:
+        m = self.config.memory_tokens
+        read = lambda name: DecoderLayer(
+            self.config, self.scheme, self.deterministic, kind="read", name=name
+        )
+        memory, sequence = x[:, :m], x[:, m:]
+        keys = [None if key is None else jax.random.fold_in(key, i) for i in (0, 1)]
+        memory, _ = read("memory")(memory, index, keys[0], None, x, mask)
+        sequence, _ = read("sequence")(sequence, index, keys[1], None, memory, None)
+        return jnp.concatenate([memory, sequence], axis=1), None
+
+
+def layer_class(cfg: ModelConfig) -> type[nn.Module]:
+    """The layer of a single-stream stack (LM, encoder): `BottleneckLayer` for
+    `model.memory_mode="bottleneck"` with memory tokens, else `DecoderLayer`."""
+    if cfg.memory_tokens and cfg.memory_mode == "bottleneck":
+        return BottleneckLayer
+    return DecoderLayer

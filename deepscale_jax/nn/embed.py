@@ -1,13 +1,17 @@
 """Token and position embeddings.
 
 - `TokenEmbed`: a (vocab, d) table; `attend(h)` = h E^T gives tied output logits (Press & Wolf
-  2017; Vaswani et al. 2017 sec. 3.4).
+  2017; Vaswani et al. 2017 sec. 3.4). With `fix_norm` (FixNorm, Nguyen & Salazar 2019;
+  variants.md sec. 2) both use the row-normalised table w_hat = w / ||w||_2: inputs
+  sqrt(d) w_hat[token], logits h w_hat^T.
 - Positions: learned (a (max_len, d) table) or sinusoidal,
   PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
   (Vaswani et al. 2017, sec. 3.5).
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -16,12 +20,36 @@ import numpy as np
 
 from deepscale_jax.nn.initializers import Initializer
 
+FIX_NORM_EPS = 1e-12  # the row-norm clamp of torch.nn.functional.normalize, used by the reference
+
+
+def unit_rows(w: jax.Array) -> jax.Array:
+    """w / max(||w||_2, 1e-12) row-wise (float32): `F.normalize(w, dim=-1)` of the reference."""
+    w = w.astype(jnp.float32)
+    sq = jnp.sum(jnp.square(w), axis=-1, keepdims=True)  # clamped squared: no NaN grad at 0
+    return w * jax.lax.rsqrt(jnp.maximum(sq, FIX_NORM_EPS**2))
+
 
 class TokenEmbed(nn.Module):
+    """Token embedding table E (vocab, d), initialised by the scheme's "embed" role.
+
+    fix_norm=False: E[tokens] in, h E^T out (tied).
+    fix_norm=True (FixNorm, Nguyen & Salazar 2019; tnq177/transformers_without_tears model.py):
+    with w_hat = w / ||w||_2 per row, the input is sqrt(d) w_hat[tokens] (every input row has norm
+    sqrt(d), i.e. unit RMS) and the tied logits are h w_hat^T (without the sqrt(d)): after a
+    final ScaleNorm of gain g they are g times cosine similarities. The reference also adds an
+    output bias; the models here have no logit bias. The raw table keeps the scheme's init: the
+    reference draws it from U(-0.01, 0.01) when fix_norm is on, but the normalisation removes
+    every row's scale, so the forward pass sees only the rows' directions (uniform on the sphere
+    for a Gaussian init, nearly so for the uniform one); the raw scale only sets the size of the
+    gradient steps relative to w (d w_hat/d w = (I - w_hat w_hat^T)/||w||).
+    """
+
     vocab_size: int
     d_model: int
     embedding_init: Initializer
     dtype: jnp.dtype = jnp.float32
+    fix_norm: bool = False
 
     def setup(self) -> None:
         self.embedding = self.param(
@@ -32,11 +60,19 @@ class TokenEmbed(nn.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        """E[tokens], or sqrt(d) w_hat[tokens] with fix_norm, in the compute dtype."""
+        rows = jnp.take(self.embedding, tokens, axis=0)
+        if self.fix_norm:  # normalising the gathered rows = gathering the normalised table
+            rows = unit_rows(rows) * math.sqrt(self.d_model)
+        return rows.astype(self.dtype)
+
+    def output_matrix(self) -> jax.Array:
+        """The (vocab, d) float32 matrix of the tied logits: E, or w_hat with fix_norm."""
+        return unit_rows(self.embedding) if self.fix_norm else self.embedding
 
     def attend(self, h: jax.Array) -> jax.Array:
-        """Tied output logits h E^T, in float32."""
-        return jnp.einsum("...d,vd->...v", h.astype(jnp.float32), self.embedding)
+        """Tied output logits h E^T (h w_hat^T with fix_norm), in float32."""
+        return jnp.einsum("...d,vd->...v", h.astype(jnp.float32), self.output_matrix())
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:

@@ -45,7 +45,7 @@ def deepnorm_constants(
 @dataclasses.dataclass(frozen=True)
 class DeepNormScheme(Scheme):
     name = "deepnorm"
-    norms = ("layer_norm", "rms_norm")
+    norms = ("layer_norm", "rms_norm", "prms_norm", "scale_norm")
     placements = ("post",)
     variant: str = "paper"
 

@@ -177,6 +177,12 @@ class DeepScaleLMScheme(Scheme):
             )
         if not 0.0 < self.r0 <= 1.0:
             raise ValueError(f"scheme.r0={self.r0!r} must lie in (0, 1]")
+        if self.model.fix_norm:
+            raise ValueError(
+                "scheme 'dslm' scales the embeddings to variance (1-p)/tables and the tied logits "
+                "to unit variance; model.fix_norm=True fixes the rows to norm sqrt(d) instead. "
+                "Use one of them"
+            )
 
     # ------------------------------------------------------------------------- derived values
 

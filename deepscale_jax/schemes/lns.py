@@ -27,7 +27,7 @@ def lns_factors(depth: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class LayerNormScalingScheme(Scheme):
     name = "lns"
-    norms = ("layer_norm", "rms_norm")
+    norms = ("layer_norm", "rms_norm", "prms_norm", "scale_norm")
     placements = ("pre",)
     std_base: float = 0.02
 

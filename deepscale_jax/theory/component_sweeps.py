@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from deepscale_jax.nn.initializers import normal
 from deepscale_jax.nn.linear import Dense
 from deepscale_jax.nn.mlp import ACTIVATION_FNS
-from deepscale_jax.nn.norms import LayerNorm, RMSNorm
+from deepscale_jax.nn.norms import LayerNorm, RMSNorm, ScaleNorm
 from deepscale_jax.theory import components as C
 from deepscale_jax.theory import measure as M
 
@@ -196,15 +196,6 @@ def predict(component: str, p: Params) -> dict[str, float]:
 # ---------------------------------------------------------------------------- measurement
 
 
-def scale_norm(x: jax.Array) -> jax.Array:
-    """ScaleNorm g x/|x|_2 with g at its init sqrt(d) (Nguyen & Salazar 2019).
-
-    Not in nn/ yet: this plain function stands in for the module until one exists.
-    """
-    d = x.shape[-1]
-    return math.sqrt(d) * x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-
-
 _INIT_KEY = jax.random.PRNGKey(1234)
 
 
@@ -227,7 +218,11 @@ def _init_dense_runs(sigma: jax.Array, d1: int, d2: int, runs: int) -> dict:
     return nn.meta.unbox(jax.vmap(lambda k: dense.init(k, jnp.zeros((1, d1))))(keys))
 
 
-_NORMS = {"LayerNorm": LayerNorm(eps=NORM_EPS), "RMSNorm": RMSNorm(eps=NORM_EPS)}
+_NORMS = {
+    "LayerNorm": LayerNorm(eps=NORM_EPS),
+    "RMSNorm": RMSNorm(eps=NORM_EPS),
+    "ScaleNorm": ScaleNorm(eps=NORM_EPS),
+}
 
 
 def _norm_fn(module: nn.Module) -> Callable[[jax.Array], jax.Array]:
@@ -239,7 +234,6 @@ _JIT_FNS = {
     "ReLU": jax.jit(ACTIVATION_FNS["relu"]),
     "GeLU": jax.jit(ACTIVATION_FNS["gelu"]),
     "Softmax": jax.jit(jax.nn.softmax),
-    "ScaleNorm": jax.jit(scale_norm),
     **{name: jax.jit(_norm_fn(module)) for name, module in _NORMS.items()},
 }
 _DROPOUT_KEY = jax.random.PRNGKey(4321)

@@ -288,6 +288,80 @@ def rmsnorm_backward(x: Signal, g: Grad, *, d: int, eps: float = 0.0) -> Grad:
     return Grad(var, _corr(cov, var))
 
 
+def _inverse_root_moments(m: float, V: float, C: float) -> dict[str, float]:
+    """Inverse moments of a mean-square statistic q with mean m, variance V and two tokens'
+    covariance C (ours): "root" E q^(-1/2), "inv" E q^-1, "inv2" E q^-2, and the pair terms
+    "pair" E (q_i q_j)^(-1/2), "pair2" E (q_i q_j)^-1.
+
+    q is taken as Gamma(shape a = m^2/V, scale b = V/m) (exact for centred Gaussian features,
+    q = s^2 chi^2_k/k: a = k/2; Satterthwaite's moment match otherwise), whose inverse moments are
+    exact: E q^(-1/2) = Gamma(a - 1/2)/(Gamma(a) sqrt(b)), E q^-1 = 1/(b (a - 1)),
+    E q^-2 = 1/(b^2 (a - 1)(a - 2)). A pair term interpolates between independent (C = 0) and
+    identical (C = V) tokens linearly in C/V, which for "pair" is the delta method's
+    (1/m)(1 + (3V + C)/(4 m^2)) to first order. Needed where q averages few features (pRMSNorm's
+    k = 8 of 128): the second-order delta method misses E q^-1 by 2/k^2 relative there.
+    """
+    a, b = m * m / V, V / m
+    root = math.exp(math.lgamma(a - 0.5) - math.lgamma(a)) / math.sqrt(b)
+    inv = 1.0 / (b * (a - 1.0)) if a > 1.0 else math.inf
+    inv2 = 1.0 / (b * b * (a - 1.0) * (a - 2.0)) if a > 2.0 else math.inf
+    share = C / V
+    return {
+        "root": root,
+        "inv": inv,
+        "inv2": inv2,
+        "pair": root**2 + share * (inv - root**2),
+        "pair2": inv**2 + share * (inv2 - inv**2),
+    }
+
+
+def prmsnorm_forward(x: Signal, *, d: int, k: int, eps: float = 0.0) -> Signal:
+    """Partial RMSNorm y = x/sqrt(q_k + eps), q_k = mean of x_f^2 over the first k of d features
+    (Zhang & Sennrich 2019, sec. 4), gain 1 (ours).
+
+    The k features inside the statistic are RMSNorm over k features (`rmsnorm_forward(d=k)`).
+    A feature outside it is independent of q_k, so with the _rms_moments(x, k) notation and
+    the inverse moments of q_k + eps from `_inverse_root_moments`:
+      E y_f = mu E[(q_k + eps)^(-1/2)],  E y_f^2 = m E[1/(q_k + eps)],
+      E[y_if y_jf] = n0 E[1/(rho_i rho_j)].
+    The reported moments pool all d features (fractions k/d and 1 - k/d): mean, E y^2 - mean^2,
+    E[y_i y_j] - mean^2. k = d is `rmsnorm_forward`.
+    """
+    inside = rmsnorm_forward(x, d=k, eps=eps)
+    if k == d:
+        return inside
+    mom = _rms_moments(x, k)
+    inv = _inverse_root_moments(mom["m"] + eps, mom["V"], mom["C"])
+    f = k / d
+    mean = f * inside.mean + (1 - f) * x.mean * inv["root"]
+    sq = f * (inside.var + inside.mean**2) + (1 - f) * mom["m"] * inv["inv"]
+    cross = f * (inside.corr * inside.var + inside.mean**2) + (1 - f) * mom["n0"] * inv["pair"]
+    var = sq - mean**2
+    return Signal(mean, var, _corr(cross - mean**2, var))
+
+
+def prmsnorm_backward(x: Signal, g: Grad, *, d: int, k: int, eps: float = 0.0) -> Grad:
+    """Backward of partial RMSNorm (ours): g_in = M^T g / rho with M = I - y a^T/k, y = x/rho
+    and a = y on the first k features, 0 elsewhere (the statistic sees only those).
+
+    For eps = 0, a.y = |a|^2 = k, so tr(M_i^T M_j) = d - 2 + (y_i.y_j)(a_i.a_j)/k^2 with
+    y_i.y_j = a_i.a_j + x_out,i.x_out,j/(rho_i rho_j) (x_out: the d - k features outside the
+    statistic, independent of rho). Writing a_i.a_j ~= k c (c = n0/m, the tokens' cosine as in
+    `rmsnorm_backward`; c = 1 for i = j, n0 = m) and x_out,i.x_out,j ~= (d - k) n0, per feature
+        Cov_gin = r_g s_g^2 [(d - 2 + c^2) E(rho_i rho_j)^-1 + c (d - k)(n0/k) E(rho_i rho_j)^-2]/d,
+        s_gin^2 =   s_g^2 [(d - 1) E rho^-2 + (d - k)(m/k) E rho^-4] / d,
+    with the inverse moments of rho^2 = q_k + eps from `_inverse_root_moments`. k = d gives the
+    `rmsnorm_backward` forms.
+    """
+    mom = _rms_moments(x, k)
+    inv = _inverse_root_moments(mom["m"] + eps, mom["V"], mom["C"])
+    cosine = mom["n0"] / mom["m"]
+    var = g.var * ((d - 1) * inv["inv"] + (d - k) * mom["m"] / k * inv["inv2"]) / d
+    cross = cosine * (d - k) * mom["n0"] / k * inv["pair2"]
+    cov = g.cov * ((d - 2 + cosine**2) * inv["pair"] + cross) / d
+    return Grad(var, _corr(cov, var))
+
+
 def scalenorm_forward(x: Signal, *, d: int, gain: float | None = None) -> Signal:
     """ScaleNorm y = g x/|x|_2 (Nguyen & Salazar 2019), g initialised to sqrt(d) (ours).
 

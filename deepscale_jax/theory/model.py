@@ -24,6 +24,7 @@ import numpy as np
 
 from deepscale_jax.metrics import token_cross_entropy
 from deepscale_jax.model_config import ModelConfig
+from deepscale_jax.nn.norms import partial_features
 from deepscale_jax.nn.stack import per_layer_params
 from deepscale_jax.theory import attention, components
 from deepscale_jax.theory.measure import (
@@ -75,6 +76,12 @@ CovarianceBackward = Callable[[Signal, np.ndarray], np.ndarray]
 NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
     "layer_norm": (components.layernorm_forward, components.layernorm_backward),
     "rms_norm": (components.rmsnorm_forward, components.rmsnorm_backward),
+    "prms_norm": (components.prmsnorm_forward, components.prmsnorm_backward),
+    # ScaleNorm at its init gain sqrt(d); it has no eps inside the root (a clamp on |x| only).
+    "scale_norm": (
+        lambda x, d, eps: components.scalenorm_forward(x, d=d),
+        lambda x, g, d, eps: components.scalenorm_backward(x, g, d=d),
+    ),
     "none": (lambda x, **_: x, lambda x, g, **_: g),
 }
 
@@ -88,6 +95,8 @@ def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward]:
         )
     norm_f, norm_b = NORM_MAPS[cfg.norm]
     kw = dict(d=cfg.d_model, eps=cfg.norm_eps)
+    if cfg.norm == "prms_norm":  # the statistic's feature count
+        kw["k"] = partial_features(cfg.d_model, cfg.norm_partial_fraction)
 
     def forward(x: Signal) -> Signal:
         y = norm_f(x, **kw)

@@ -16,7 +16,7 @@ from deepscale_jax.schemes import build_scheme
 IDS = decode.SpecialIds.of(VOCAB)
 
 
-def make_model(merged, scan=True, placement="post", scheme="xavier"):
+def make_model(merged, scan=True, placement="post", scheme="xavier", **overrides):
     cfg = ModelConfig(
         vocab_size=259,
         num_layers=2,
@@ -30,6 +30,7 @@ def make_model(merged, scan=True, placement="post", scheme="xavier"):
         norm_placement=placement,
         scan_layers=scan,
         merged_attention=merged,
+        **overrides,
     )
     model = Seq2Seq(cfg, build_scheme({"name": scheme}, cfg))
     rng = np.random.default_rng(0)
@@ -42,15 +43,24 @@ def make_model(merged, scan=True, placement="post", scheme="xavier"):
 
 
 @pytest.mark.parametrize(
-    ("merged", "scan", "placement"),
+    ("merged", "scan", "placement", "overrides"),
     [
-        (True, False, "pre"),
-        (False, True, "post"),
+        (True, False, "pre", {}),
+        (False, True, "post", {}),
+        (
+            False,
+            True,
+            "pre",
+            {"memory_tokens": 2, "memory_mode": "bottleneck", "persistent_memory": 2},
+        ),
     ],
 )
-def test_cached_incremental_decoding_equals_full_recompute_at_every_step(merged, scan, placement):
-    """KV cache (self + cross) and MAtt's running sum give the teacher-forced logits."""
-    model, params, src, valid, tgt = make_model(merged, scan, placement)
+def test_cached_incremental_decoding_equals_full_recompute_at_every_step(
+    merged, scan, placement, overrides
+):
+    """KV cache (self + cross) and MAtt's running sum give the teacher-forced logits (also with
+    the encoder's memory tokens and persistent memory slots in every self-attention)."""
+    model, params, src, valid, tgt = make_model(merged, scan, placement, **overrides)
     full = jax.jit(model.apply)({"params": params}, src, valid, tgt)
     start = jax.jit(lambda p, s, v: decode._start(model, p, s, v, 3, 8, VOCAB.bos_id)[1:])
     dmodel = decode.decoding_model(model)

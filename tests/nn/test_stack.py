@@ -46,8 +46,20 @@ def test_deeper_model_shares_lower_layers():
     )
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "sublayer_outputs"])
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize(
+    ("policy", "scan"),
+    [
+        ("full", True),
+        ("dots", True),
+        ("sublayer_outputs", True),
+        ("full", False),
+        # The rest of the grid (same code paths) in the slow run.
+        pytest.param("dots_no_batch", True, marks=pytest.mark.slow),
+        pytest.param("dots", False, marks=pytest.mark.slow),
+        pytest.param("dots_no_batch", False, marks=pytest.mark.slow),
+        pytest.param("sublayer_outputs", False, marks=pytest.mark.slow),
+    ],
+)
 def test_remat_gives_the_same_gradients(policy, scan):
     toks = tokens()
     plain = tiny_lm(scan_layers=scan)

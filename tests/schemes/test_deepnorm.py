@@ -61,8 +61,8 @@ def test_unequal_encoder_decoder_depths():
         ),
         (
             {"norm": "none"},
-            r"scheme 'deepnorm' needs model.norm in \(layer_norm, rms_norm\); "
-            r"got model.norm='none'",
+            r"scheme 'deepnorm' needs model.norm in "
+            r"\(layer_norm, rms_norm, prms_norm, scale_norm\); got model.norm='none'",
         ),
     ],
 )

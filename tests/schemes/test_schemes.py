@@ -148,3 +148,9 @@ def test_dslm_residual_beta_counts_the_decoder_sublayers(merged, per_layer):
 def test_merged_attention_needs_an_encoder_decoder_model():
     with pytest.raises(ValueError, match="model.merged_attention=True"):
         dataclasses.replace(CFG, merged_attention=True).validate()
+
+
+def test_dslm_rejects_fix_norm():
+    cfg = dataclasses.replace(CFG, tie_embeddings=True, fix_norm=True)
+    with pytest.raises(ValueError, match="model.fix_norm=True"):
+        build_scheme({"name": "dslm"}, cfg)
