@@ -73,6 +73,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
             "log_every_steps": 20,
             "eval_every_steps": 200,
             "eval_batches": 16,
+            # Consecutive steps with a non-finite loss or gradient (each skipped) before the
+            # run stops with an error naming the last good checkpoint (deepscale_jax/train.py).
+            "max_bad_steps": 10,
         }
     )
     config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})

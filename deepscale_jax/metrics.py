@@ -69,3 +69,28 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
     """All records of `workdir/metrics.jsonl`, in order."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_step: int) -> int:
+    """Drops the metrics.jsonl records after `last_step` (written by a run killed after its last
+    checkpoint, which the resumed run writes again) and any unreadable line (a write cut
+    short); returns how many records were dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) < len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return len(lines) - len(kept)

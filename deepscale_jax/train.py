@@ -8,6 +8,24 @@ the train step is jitted with explicit in/out shardings and a donated state; one
 `fold_in(rng, step)` gives each step its dropout key. Metrics are fetched from the device only at
 log steps. A rerun with the same workdir resumes from the latest checkpoint (params, optimizer
 state, step, rng and the data iterator's position).
+
+Reliability (README "Reliability"):
+- Divergence guard: a step whose loss or any gradient is non-finite is skipped inside the jitted
+  step (params and optimizer state, hence the optimizer's step count and the learning-rate
+  schedule, stay as they were) while the step counter and the data still advance (that batch is
+  dropped), so a run with a skipped step is as deterministic as one without. `TrainState` counts
+  the current streak (`bad_steps`) and the total (`skipped_steps`, logged as
+  `train/skipped_steps`). When the streak reaches `train.max_bad_steps` the state freezes (no
+  later step updates it or resets the streak) and the host raises a RuntimeError at the first
+  log, eval or checkpoint step at or after that step (the counters are read only there, next to
+  the metrics fetch). No checkpoint is saved while a streak is under way, so the latest
+  checkpoint is always a good state; the error names it.
+- Preemption: SIGTERM (single-process runs; multi-process runs use orbax's preemption sync
+  point) lets the current step finish, saves a checkpoint of it, waits for the save and returns
+  normally; rerunning the same command resumes.
+- Restart after a kill: unfinished orbax save directories (`<step>.orbax-checkpoint-tmp*`) are
+  deleted before the checkpoint manager starts, and metrics.jsonl records after the step the run
+  resumes from are dropped, so a resumed run's metrics hold each step once.
 """
 
 from __future__ import annotations
@@ -29,9 +47,15 @@ from absl import logging
 from tqdm import tqdm
 
 from deepscale_jax import sharding
-from deepscale_jax.checkpoint import Checkpointer, abstract_state
-from deepscale_jax.metrics import MetricWriter
+from deepscale_jax.checkpoint import (
+    Checkpointer,
+    abstract_state,
+    checkpoint_metadata,
+    remove_unfinished_checkpoints,
+)
+from deepscale_jax.metrics import MetricWriter, truncate_metrics
 from deepscale_jax.optim import make_optimizer, make_schedule
+from deepscale_jax.preemption import Preemption
 from deepscale_jax.tasks import Task, build_task
 from deepscale_jax.validation import check_workdir, validate_config
 
@@ -44,6 +68,8 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    bad_steps: jax.Array  # current streak of skipped (non-finite) steps; 0 after a good step
+    skipped_steps: jax.Array  # skipped steps in total
 
 
 def create_train_state(
@@ -64,7 +90,8 @@ def create_train_state(
 
     def init_state() -> TrainState:
         params = nn.meta.unbox(boxed_params())
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), train_key)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, tx.init(params), train_key, zero, zero)
 
     param_shardings = sharding.param_shardings(jax.eval_shape(boxed_params), mesh, rules)
     repl = sharding.replicated(mesh)
@@ -76,14 +103,34 @@ def create_train_state(
         param_shardings,
         transform_non_params=lambda _: repl,
     )
-    shardings = TrainState(repl, param_shardings, opt_shardings, repl)
+    shardings = TrainState(repl, param_shardings, opt_shardings, repl, repl, repl)
     state = jax.jit(init_state, out_shardings=shardings)()
     return state, shardings
 
 
+DEFAULT_MAX_BAD_STEPS = 10
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True iff every element of every array in `tree` is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def make_train_step(
-    task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    max_bad_steps: int = DEFAULT_MAX_BAD_STEPS,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One step; a step with a non-finite loss or gradient is skipped (see the module doc), and
+    once `max_bad_steps` consecutive steps were skipped every later step is skipped too.
+
+    Per-step metrics: `train/loss` and `train/grad_norm` (0 on a skipped step; `IntervalMeter`
+    averages them over the interval's applied steps), `train/learning_rate` (the one the
+    optimizer applied: the schedule at the optimizer's count, step - skipped_steps) and
+    `train/skipped` (1.0 on a skipped step)."""
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key = jax.random.fold_in(state.rng, state.step)
 
@@ -96,12 +143,26 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        apply = jnp.isfinite(loss) & all_finite(grads) & (state.bad_steps < max_bad_steps)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+        skipped = (~apply).astype(jnp.int32)
         metrics = {
-            "train/loss": loss,
-            "train/grad_norm": optax.global_norm(grads),
-            "train/learning_rate": schedule(state.step),
+            "train/loss": jnp.where(apply, loss, 0.0),
+            "train/grad_norm": jnp.where(apply, grad_norm, 0.0),
+            "train/learning_rate": schedule(state.step - state.skipped_steps),
+            "train/skipped": skipped.astype(jnp.float32),
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_steps=jnp.where(apply, 0, state.bad_steps + 1),
+            skipped_steps=state.skipped_steps + skipped,
+        )
         return new_state, metrics
 
     return train_step
@@ -113,10 +174,11 @@ def jit_train_step(
     schedule: optax.Schedule,
     state_shardings: TrainState,
     batch_sharding: jax.sharding.NamedSharding,
+    max_bad_steps: int = DEFAULT_MAX_BAD_STEPS,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The train step jitted with explicit shardings and the state donated."""
     return jax.jit(
-        make_train_step(task, tx, schedule),
+        make_train_step(task, tx, schedule, max_bad_steps),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)),
         donate_argnums=0,
@@ -172,7 +234,13 @@ def format_scores(scores: dict[str, float]) -> str:
 
 class IntervalMeter:
     """Sums per-step metrics on the device and fetches them once per log interval, adding
-    throughput (time spent in evaluation is excluded by `restart_clock`)."""
+    throughput (time spent in evaluation is excluded by `restart_clock`).
+
+    With a `train/skipped` metric (1.0 on a skipped step), the metrics in `APPLIED_MEANS` are
+    averaged over the interval's applied steps only (NaN if every step was skipped) and
+    `train/skipped` itself is not reported (the loop logs the total, `train/skipped_steps`)."""
+
+    APPLIED_MEANS = ("train/loss", "train/grad_norm")
 
     def __init__(self, units_per_step: int, unit: str = "tokens") -> None:
         self.units_per_step = units_per_step
@@ -180,6 +248,11 @@ class IntervalMeter:
         self._sums: dict | None = None
         self._steps = 0
         self._start = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        """Steps added since the last flush."""
+        return self._steps
 
     def add(self, metrics: dict) -> None:
         self._sums = metrics if self._sums is None else jax.tree.map(jnp.add, self._sums, metrics)
@@ -189,13 +262,42 @@ class IntervalMeter:
         self._start = time.perf_counter()
 
     def flush(self) -> dict[str, float]:
-        scalars = {k: float(v) / self._steps for k, v in jax.device_get(self._sums).items()}
+        sums = {k: float(v) for k, v in jax.device_get(self._sums).items()}
+        applied = self._steps - sums.pop("train/skipped", 0.0)
+        scalars = {}
+        for name, total in sums.items():
+            if name in self.APPLIED_MEANS:
+                scalars[name] = total / applied if applied else float("nan")
+            else:
+                scalars[name] = total / self._steps
         elapsed = time.perf_counter() - self._start
         scalars[f"perf/{self.unit}_per_sec"] = self._steps * self.units_per_step / elapsed
         scalars["perf/step_seconds"] = elapsed / self._steps
         self._sums, self._steps = None, 0
         self.restart_clock()
         return scalars
+
+
+class TrainingDiverged(RuntimeError):
+    """`train.max_bad_steps` consecutive steps had a non-finite loss or gradient."""
+
+
+def _diverged(step: int, bad_steps: int, max_bad_steps: int, ckpt: Checkpointer) -> Exception:
+    """The error for a streak of `bad_steps` skipped steps ending at `step` (>= the limit)."""
+    first = step - bad_steps + 1
+    limit = first + max_bad_steps - 1
+    ckpt.wait()
+    latest = ckpt.latest_step()
+    if latest is None:
+        kept = "no checkpoint was saved before it"
+    else:
+        path = os.path.join(ckpt.directory, str(latest))
+        kept = f"the last good checkpoint is {path} (step {latest}), kept as it was"
+    return TrainingDiverged(
+        f"training diverged: {max_bad_steps} consecutive steps ({first}..{limit}, "
+        f"train.max_bad_steps={max_bad_steps}) had a non-finite loss or gradient, so their "
+        f"updates were skipped; stopped at step {step}; {kept}"
+    )
 
 
 def train_loop(
@@ -209,10 +311,18 @@ def train_loop(
     ckpt: Checkpointer,
     writer: MetricWriter,
     start: int,
-) -> dict[str, float]:
-    """Steps start+1 .. train.num_steps with logging, evaluation and checkpoints; returns the
-    last value of every metric. The host syncs only at log, eval and checkpoint steps."""
+    preemption: Preemption | None = None,
+) -> tuple[dict[str, float], int | None]:
+    """Steps start+1 .. train.num_steps with logging, evaluation and checkpoints; returns (the
+    last value of every metric, the step the run stopped at on a preemption or None). The host
+    syncs only at log, eval and checkpoint steps (where it also reads the skipped-step
+    counters).
+
+    On a preemption (`preemption.reached(step)` before the last step) the step is logged and
+    checkpointed (not evaluated) and the loop returns once the save is complete; no checkpoint is
+    saved during a streak of skipped steps. Raises `TrainingDiverged` (see the module doc)."""
     num_steps = config.train.num_steps
+    max_bad_steps = config.train.max_bad_steps
     progress = tqdm(
         total=num_steps,
         initial=start,
@@ -238,15 +348,29 @@ def train_loop(
             state, metrics = compiled(state, batch)
             meter.add(metrics)
             progress.update(1)
-            if step % config.train.log_every_steps == 0 or step == num_steps:
+            stop = preemption is not None and preemption.reached(step) and step < num_steps
+            log = stop or step % config.train.log_every_steps == 0 or step == num_steps
+            evaluate_now = not stop and (
+                step % config.train.eval_every_steps == 0 or step == num_steps
+            )
+            save = stop or ckpt.should_save(step, num_steps)
+            if not (log or evaluate_now or save):
+                continue
+            bad_steps, skipped_steps = (
+                int(x) for x in jax.device_get((state.bad_steps, state.skipped_steps))
+            )
+            if log:
                 scalars = meter.flush()
+                scalars["train/skipped_steps"] = skipped_steps
                 writer.write(step, scalars)
                 final.update(scalars)
                 progress.set_postfix(
                     loss=f"{scalars['train/loss']:.3f}",
                     **{SPEED_LABELS.get(task.unit, "it_s"): f"{scalars[speed]:.0f}"},
                 )
-            if step % config.train.eval_every_steps == 0 or step == num_steps:
+            if bad_steps >= max_bad_steps:
+                raise _diverged(step, bad_steps, max_bad_steps, ckpt)
+            if evaluate_now:
                 scores = evaluate(
                     task, eval_step, state.params, batch_sharding, config.train.eval_batches
                 )
@@ -254,21 +378,47 @@ def train_loop(
                 final.update(scores)
                 progress.write(f"step {step}: {format_scores(scores)}")
                 meter.restart_clock()
-            if ckpt.should_save(step, num_steps):
+            if save and bad_steps:
+                progress.write(
+                    f"step {step}: no checkpoint while {bad_steps} step(s) in a row were "
+                    "skipped for a non-finite loss or gradient"
+                )
+            elif save:
                 ckpt.save(step, state, train_iter.get_state())
+            if stop:
+                ckpt.wait()
+                return final, step
     finally:
         progress.close()
-    return final
+    return final, None
+
+
+def restore_train_state(
+    ckpt: Checkpointer, step: int, state: TrainState, shardings: TrainState
+) -> tuple[TrainState, dict | None]:
+    """(the TrainState saved at `step` placed on `shardings`, the data state); `state` is a
+    freshly created state. A checkpoint written before TrainState had the skipped-step counters
+    restores with both counters at 0."""
+    target = abstract_state(state, shardings)
+    try:
+        return ckpt.restore(step, target)
+    except ValueError as err:
+        if "bad_steps" not in str(err):
+            raise
+    legacy = {name: getattr(target, name) for name in ("step", "params", "opt_state", "rng")}
+    restored, data_state = ckpt.restore(step, legacy)
+    logging.warning("checkpoint step %d has no skipped-step counters: starting them at 0", step)
+    return state.replace(**restored), data_state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
+
+    On a preemption (SIGTERM) it returns after saving a checkpoint of the current step, with
+    `preempted_at_step` and the train metrics (no eval metrics, no final_metrics.json)."""
     model_config, scheme = validate_config(config)
     workdir = check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     mesh = sharding.make_mesh(config.mesh.shape.to_dict())
     rules = sharding.logical_rules(config.mesh.get("rules"))
@@ -284,23 +434,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     train_iter = task.iterator("train", training=True)
 
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if jax.process_index() == 0:
+        for name in remove_unfinished_checkpoints(ckpt_dir):
+            print(f"Removed unfinished checkpoint {os.path.join(ckpt_dir, name)}", flush=True)
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.ckpt.every_steps, config.ckpt.max_to_keep
+        ckpt_dir,
+        config.ckpt.every_steps,
+        config.ckpt.max_to_keep,
+        metadata=checkpoint_metadata(config, mesh),
     )
     start = ckpt.latest_step()
     if start is not None:
-        state, data_state = ckpt.restore(start, abstract_state(state, state_shardings))
+        state, data_state = restore_train_state(ckpt, start, state, state_shardings)
         if data_state is not None:
             train_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
         print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
     start = start or 0
+    if jax.process_index() == 0:  # after the checkpoint accepted this config
+        truncate_metrics(workdir, start)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    train_step = jit_train_step(task, tx, schedule, state_shardings, batch_sharding)
+    train_step = jit_train_step(
+        task, tx, schedule, state_shardings, batch_sharding, config.train.max_bad_steps
+    )
     eval_step = jit_eval_step(task, state_shardings.params, batch_sharding)
 
     writer = MetricWriter(workdir)
     final: dict[str, float] = {}
+    preempted_at = saved = None
     try:
         if start >= num_steps:
             print(f"already trained to train.num_steps={num_steps}; evaluating only", flush=True)
@@ -308,8 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 evaluate(task, eval_step, state.params, batch_sharding, config.train.eval_batches)
             )
         else:
-            final.update(
-                train_loop(
+            with Preemption(ckpt) as preemption:
+                metrics, preempted_at = train_loop(
                     config,
                     task,
                     state,
@@ -320,11 +484,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     ckpt,
                     writer,
                     start,
+                    preemption,
                 )
-            )
+            final.update(metrics)
+            saved = ckpt.latest_step()
     finally:
         ckpt.close()
         writer.close()
+    if preempted_at is not None:
+        if saved == preempted_at:
+            print(
+                f"preempted at step {preempted_at}; checkpoint saved, "
+                "rerun the same command to resume",
+                flush=True,
+            )
+        else:
+            print(
+                f"preempted at step {preempted_at} during a streak of skipped steps; not "
+                f"saved, rerunning the same command resumes from step {saved or 0}",
+                flush=True,
+            )
+        train_only = {k: v for k, v in final.items() if not k.startswith("eval/")}
+        return {**train_only, "preempted_at_step": float(preempted_at)}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2, sort_keys=True)

@@ -35,7 +35,15 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Sch
         raise ValueError("config has no task (e.g. config.task = 'lm')")
     task = get_task_class(config.task)
     train = config.train
-    _positive_int(train, "train", "num_steps", "batch_size", "log_every_steps", "eval_every_steps")
+    _positive_int(
+        train,
+        "train",
+        "num_steps",
+        "batch_size",
+        "log_every_steps",
+        "eval_every_steps",
+        "max_bad_steps",
+    )
     if (
         not isinstance(train.eval_batches, int)
         or train.eval_batches == 0

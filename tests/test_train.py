@@ -38,7 +38,7 @@ def _one_step(config, mesh_shape, devices, batch):
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device_step(data_dir, scan):
     config = smoke_config(data_dir, f"scan={scan}", "model.dropout=0.0")
     rng = np.random.default_rng(0)

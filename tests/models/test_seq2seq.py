@@ -116,7 +116,7 @@ def test_beam_four_scores_at_least_greedy():
     assert np.all(np.asarray(beam_scores) >= np.asarray(greedy_scores) - 1e-5)
 
 
-@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("merged", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_encoder_padding_never_changes_non_pad_outputs(merged):
     model, params, src, valid, tgt = make_model(merged)
     other = jnp.where(valid, src, 7)  # different tokens under the pads

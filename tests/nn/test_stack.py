@@ -8,8 +8,15 @@ from deepscale_jax.nn.stack import stack_layers, unstack_layers
 from tests.helpers import init_params, tiny_lm, tokens, unstack_model
 
 
-@pytest.mark.parametrize("scheme", ["xavier", "default"])
-@pytest.mark.parametrize("placement", ["pre", "post"])
+@pytest.mark.parametrize(
+    ("scheme", "placement"),
+    [
+        ("xavier", "pre"),
+        ("default", "post"),
+        pytest.param("xavier", "post", marks=pytest.mark.slow),
+        pytest.param("default", "pre", marks=pytest.mark.slow),
+    ],
+)
 def test_scanned_and_unrolled_give_identical_parameters_and_logits(scheme, placement):
     toks = tokens()
     scanned = tiny_lm(scheme, scan_layers=True, norm_placement=placement)

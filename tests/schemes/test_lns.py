@@ -64,7 +64,7 @@ def test_scaling_the_norm_output_equals_scaling_the_next_projections(norm, scan)
             r"scheme 'lns' is defined for model.norm_placement in \(pre\); "
             r"got model.norm_placement='post'",
         ),
-        ({"norm": "none"}, r"scheme 'lns' needs model.norm in \(layer_norm, rms_norm\)"),
+        ({"norm": "none"}, r"scheme 'lns' needs model.norm in \(layer_norm, rms_norm, prms_norm"),
     ],
 )
 def test_bad_placement_or_norm_is_named(overrides, message):
