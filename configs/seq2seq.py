@@ -117,25 +117,14 @@ PRESETS = {
         "ckpt.every_steps": 5000,
         "seq2seq.eval_decode": "beam",
     },
-    "dsinit_matt_12l": {
-        "model.num_layers": 12,
-        "model.encoder_layers": 12,
-        "model.d_model": 128,
-        "model.num_heads": 4,
-        "model.d_ff": 512,
-        "model.max_len": 80,
-        "model.dropout": 0.1,
-        "scheme.name": "ds_init",
-        "model.merged_attention": True,
-        "train.num_steps": 1500,
-        "train.batch_size": 32,
-        "train.log_every_steps": 50,
-        "train.eval_every_steps": 500,
-        "train.eval_batches": 8,
-        "optim.learning_rate": 1e-3,
-        "optim.warmup_steps": 100,
-        "ckpt.every_steps": 500,
-    },
+}
+# The default run, 12 + 12 layers deep with DS-Init and the MAtt decoder (Zhang et al. 2019).
+PRESETS["dsinit_matt_12l"] = {
+    **PRESETS["default"],
+    "model.num_layers": 12,
+    "model.encoder_layers": 12,
+    "scheme.name": "ds_init",
+    "model.merged_attention": True,
 }
 
 
