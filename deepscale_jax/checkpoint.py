@@ -13,6 +13,9 @@ A checkpoint at step s under `workdir/checkpoints/s/` holds three items:
   and data sections for the record.
 Saves are asynchronous; `close()` waits for the last one. Orbax writes each step to a temporary
 directory and renames it when complete, so an interrupted save never replaces a finished one.
+A save that fails to write (a full disk, a read-only or vanished directory) surfaces at the next
+`save`, `wait` or `close` as a `CheckpointSaveError` naming the directory, the step and the
+cause, and the latest finished checkpoint, which is left as it was.
 
 Before a restore, the stored metadata is compared with the current run's (`check_compatible`):
 a field that changes parameter shapes or the computation (`MUST_MATCH_MODEL_FIELDS`, the scan
@@ -24,6 +27,7 @@ checkpoint saved before metadata existed restores with a warning and no check.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -215,9 +219,40 @@ def check_compatible(
     return f"{where}: " + " | ".join(parts) if parts else None
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the latest finished checkpoint is intact."""
+
+
+#: Texts of a full disk in errors that are not an OSError (e.g. from TensorStore's C++ writes).
+_DISK_FULL_TEXTS = ("No space left on device", "ENOSPC", "Disk quota exceeded")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """An OSError, or another error whose text says the disk is full."""
+    return isinstance(error, OSError) or any(t in str(error) for t in _DISK_FULL_TEXTS)
+
+
+def describe_write_failure(error: BaseException) -> str:
+    """'the disk is full', 'the directory is read-only', ... (one line) for a failed write."""
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or any(t in str(error) for t in _DISK_FULL_TEXTS):
+        return "the disk is full"
+    if code == errno.EROFS:
+        return "the file system is read-only"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if code == errno.ENOENT:
+        return "the directory vanished"
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {text[:200]}"
+
+
 class Checkpointer:
     """`metadata` (from `checkpoint_metadata`) is written with every save and checked against
-    the checkpoint's before every restore; None saves none and checks nothing."""
+    the checkpoint's before every restore; None saves none and checks nothing.
+
+    A failed asynchronous write raises `CheckpointSaveError` from the `save`, `wait` or `close`
+    where orbax reports it."""
 
     def __init__(
         self,
@@ -230,6 +265,7 @@ class Checkpointer:
         self.every_steps = every_steps
         self.metadata = None if metadata is None else _jsonable(dict(metadata))
         self._checked_step: int | None = None
+        self._unfinished: int | None = None  # the step of a save not yet waited for
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
@@ -245,7 +281,37 @@ class Checkpointer:
             args["data"] = ocp.args.JsonSave(data_state)
         if self.metadata is not None:
             args["metadata"] = ocp.args.JsonSave(self.metadata)
-        self._manager.save(step, args=ocp.args.Composite(**args))
+        pending = step if self._unfinished is None else self._unfinished
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**args))
+        except Exception as err:
+            raise self._save_failed(err, pending) from err
+        self._unfinished = step
+
+    def _save_failed(self, error: Exception, step: int | None) -> Exception:
+        """`error` (raised while saving `step`) as a one-line CheckpointSaveError naming the
+        directory, the step and the checkpoint left intact; any other error unchanged."""
+        if not is_write_failure(error):
+            return error
+        self._unfinished = None
+        try:
+            latest = self._manager.latest_step()
+        except Exception:  # the directory itself may be gone
+            latest = None
+        if latest is None or latest == step:
+            kept = "no earlier checkpoint was finished"
+        else:
+            kept = (
+                f"the previous checkpoint {os.path.join(self.directory, str(latest))} "
+                f"(step {latest}) is intact and a rerun resumes from it"
+            )
+        detail = (str(error).strip().splitlines() or [""])[0][:300]
+        return CheckpointSaveError(
+            f"saving the checkpoint of step {'?' if step is None else step} to "
+            f"{self.directory} failed: {describe_write_failure(error)} ({detail}); {kept}; "
+            "free space or choose a "
+            "--workdir on a larger disk, then rerun the same command"
+        )
 
     def _has_item(self, step: int, item: str) -> bool:
         return os.path.isdir(os.path.join(self.directory, str(step), item))
@@ -286,11 +352,19 @@ class Checkpointer:
         return bool(check(step)) if check is not None else False
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the last save is written (CheckpointSaveError if it failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_failed(err, self._unfinished) from err
+        self._unfinished = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the last save (as `wait`), then releases the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_state(tree: Any, shardings: Any) -> Any:

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from deepscale_jax.validation import check_bool, check_choice, check_int, check_number
+
 ACTIVATIONS = ("relu", "gelu")
 # Which stacks a model has; a scheme is built for one stack (schemes/base.py).
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
@@ -24,6 +26,14 @@ POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 MEMORY_MODES = ("prepend", "bottleneck")
 DTYPES = ("float32", "bfloat16")
+_BOOL_FIELDS = (
+    "tie_embeddings",
+    "use_bias",
+    "scan_layers",
+    "merged_attention",
+    "fix_norm",
+    "use_ffn",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,32 +142,32 @@ class ModelConfig:
         from deepscale_jax.nn.stack import REMAT_POLICIES
 
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name}={value!r} must be a positive integer")
-        if (
-            not isinstance(self.encoder_layers, int)
-            or isinstance(self.encoder_layers, bool)
-            or self.encoder_layers < 0
-        ):
-            raise ValueError(
-                f"model.encoder_layers={self.encoder_layers!r} must be an integer >= 0"
-            )
+            check_int(getattr(self, name), f"model.{name}")
+        for name in ("encoder_layers", "persistent_memory", "memory_tokens"):
+            check_int(getattr(self, name), f"model.{name}", minimum=0)
+        for name in _BOOL_FIELDS:
+            check_bool(getattr(self, name), f"model.{name}")
+        for name in ("dropout", "attn_dropout"):
+            check_number(getattr(self, name), f"model.{name}", 0, 1, high_open=True)
+        check_number(self.norm_eps, "model.norm_eps", 0, low_open=True)
+        check_number(self.norm_partial_fraction, "model.norm_partial_fraction", 0, 1, low_open=True)
+        choices = {
+            "activation": ACTIVATIONS,
+            "norm": tuple(NORMS),
+            "norm_placement": NORM_PLACEMENTS,
+            "position_embedding": POSITION_EMBEDDINGS,
+            "attention_impl": ATTENTION_IMPLS,
+            "remat_policy": tuple(REMAT_POLICIES),
+            "dtype": DTYPES,
+            "architecture": tuple(ARCHITECTURES),
+            "memory_mode": MEMORY_MODES,
+        }
+        for name, accepted in choices.items():
+            check_choice(getattr(self, name), f"model.{name}", accepted)
         if self.encoder_layers and self.architecture != "encoder_decoder":
             raise ValueError(
                 f"model.encoder_layers={self.encoder_layers} is only used by "
                 f"model.architecture='encoder_decoder' (got {self.architecture!r}); set it to 0"
-            )
-        for name in ("merged_attention", "fix_norm", "use_ffn"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
-        for name in ("persistent_memory", "memory_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"model.{name}={value!r} must be an integer >= 0")
-        if not 0.0 < self.norm_partial_fraction <= 1.0:
-            raise ValueError(
-                f"model.norm_partial_fraction={self.norm_partial_fraction!r} must lie in (0, 1]"
             )
         if self.fix_norm and not self.tie_embeddings:
             raise ValueError(
@@ -178,24 +188,3 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}"
             )
-        for name in ("dropout", "attn_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"model.{name}={value!r} must lie in [0, 1)")
-        if not self.norm_eps > 0:
-            raise ValueError(f"model.norm_eps={self.norm_eps!r} must be positive")
-        choices = {
-            "activation": ACTIVATIONS,
-            "norm": tuple(NORMS),
-            "norm_placement": NORM_PLACEMENTS,
-            "position_embedding": POSITION_EMBEDDINGS,
-            "attention_impl": ATTENTION_IMPLS,
-            "remat_policy": tuple(REMAT_POLICIES),
-            "dtype": DTYPES,
-            "architecture": tuple(ARCHITECTURES),
-            "memory_mode": MEMORY_MODES,
-        }
-        for name, accepted in choices.items():
-            value = getattr(self, name)
-            if value not in accepted:
-                raise ValueError(f"unknown model.{name}={value!r}; accepted: {', '.join(accepted)}")

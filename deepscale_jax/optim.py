@@ -18,7 +18,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deepscale_jax.validation import check_choice, check_int, check_number
+
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
+
+
+def validate_optim(optim: Mapping[str, Any]) -> None:
+    """Raises ValueError naming the first bad `optim.*` field and what would be accepted."""
+    check_choice(optim.get("schedule"), "optim.schedule", SCHEDULES)
+    check_number(optim.get("learning_rate"), "optim.learning_rate", 0, low_open=True)
+    check_int(optim.get("warmup_steps"), "optim.warmup_steps", minimum=0)
+    check_number(optim.get("end_lr_factor"), "optim.end_lr_factor", 0, 1)
+    check_number(optim.get("b1"), "optim.b1", 0, 1, high_open=True)
+    check_number(optim.get("b2"), "optim.b2", 0, 1, high_open=True)
+    check_number(optim.get("eps"), "optim.eps", 0, low_open=True)
+    check_number(optim.get("weight_decay"), "optim.weight_decay", 0)
+    check_number(optim.get("clip_norm"), "optim.clip_norm", 0)  # 0 = no clipping
 
 
 def make_schedule(optim: Mapping[str, Any], num_steps: int) -> optax.Schedule:

@@ -46,7 +46,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from deepscale_jax import sharding
+from deepscale_jax import distributed, sharding
 from deepscale_jax.checkpoint import (
     Checkpointer,
     abstract_state,
@@ -189,7 +189,11 @@ def jit_eval_step(
     task: Task, param_shardings: Any, batch_sharding: jax.sharding.NamedSharding
 ) -> Callable[[Any, dict], dict[str, jax.Array]]:
     """`task.eval_stats` jitted: (params, batch) -> dict of per-batch sums."""
-    return jax.jit(task.eval_stats, in_shardings=(param_shardings, batch_sharding))
+    return jax.jit(
+        task.eval_stats,
+        in_shardings=(param_shardings, batch_sharding),
+        out_shardings=sharding.replicated(batch_sharding.mesh),
+    )
 
 
 def to_global(batch: dict, batch_sharding: jax.sharding.NamedSharding) -> dict:
@@ -329,9 +333,10 @@ def train_loop(
         desc="train",
         unit="step",
         mininterval=1.0,
-        disable=jax.process_index() != 0,
+        disable=not distributed.is_main_process(),
         dynamic_ncols=True,
     )
+    say = progress.write if distributed.is_main_process() else (lambda message: None)
     final: dict[str, float] = {}
     try:
         t_compile = time.perf_counter()
@@ -339,7 +344,7 @@ def train_loop(
         compiled = train_step.lower(state, batch).compile()
         compile_seconds = time.perf_counter() - t_compile
         writer.write(start, {"perf/compile_seconds": compile_seconds})
-        progress.write(f"train step compiled in {compile_seconds:.1f} s")
+        say(f"train step compiled in {compile_seconds:.1f} s")
         meter = IntervalMeter(task.units_per_step(), task.unit)
         speed = f"perf/{task.unit}_per_sec"
         for step in range(start + 1, num_steps + 1):
@@ -376,10 +381,10 @@ def train_loop(
                 )
                 writer.write(step, scores)
                 final.update(scores)
-                progress.write(f"step {step}: {format_scores(scores)}")
+                say(f"step {step}: {format_scores(scores)}")
                 meter.restart_clock()
             if save and bad_steps:
-                progress.write(
+                say(
                     f"step {step}: no checkpoint while {bad_steps} step(s) in a row were "
                     "skipped for a non-finite loss or gradient"
                 )
@@ -435,9 +440,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = task.iterator("train", training=True)
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
         for name in remove_unfinished_checkpoints(ckpt_dir):
             print(f"Removed unfinished checkpoint {os.path.join(ckpt_dir, name)}", flush=True)
+    distributed.sync("unfinished checkpoints removed")
     ckpt = Checkpointer(
         ckpt_dir,
         config.ckpt.every_steps,
@@ -450,9 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if data_state is not None:
             train_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
-        print(f"Resuming from checkpoint at step {start} in {ckpt.directory}", flush=True)
+        distributed.announce(f"Resuming from checkpoint at step {start} in {ckpt.directory}")
     start = start or 0
-    if jax.process_index() == 0:  # after the checkpoint accepted this config
+    if distributed.is_main_process():  # after the checkpoint accepted this config
         truncate_metrics(workdir, start)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -467,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preempted_at = saved = None
     try:
         if start >= num_steps:
-            print(f"already trained to train.num_steps={num_steps}; evaluating only", flush=True)
+            distributed.announce(f"already trained to train.num_steps={num_steps}; evaluating only")
             final.update(
                 evaluate(task, eval_step, state.params, batch_sharding, config.train.eval_batches)
             )
@@ -493,20 +499,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
     if preempted_at is not None:
         if saved == preempted_at:
-            print(
+            distributed.announce(
                 f"preempted at step {preempted_at}; checkpoint saved, "
-                "rerun the same command to resume",
-                flush=True,
+                "rerun the same command to resume"
             )
         else:
-            print(
+            distributed.announce(
                 f"preempted at step {preempted_at} during a streak of skipped steps; not "
-                f"saved, rerunning the same command resumes from step {saved or 0}",
-                flush=True,
+                f"saved, rerunning the same command resumes from step {saved or 0}"
             )
         train_only = {k: v for k, v in final.items() if not k.startswith("eval/")}
         return {**train_only, "preempted_at_step": float(preempted_at)}
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2, sort_keys=True)
     return final

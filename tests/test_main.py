@@ -35,6 +35,13 @@ def test_cli_trains_then_resumes(data_dir, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Resuming from checkpoint at step 6" in second.stdout
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["6", "9"]
+    # An error found at run time (the checkpoint does not fit the config): a message, no
+    # traceback, exit status 1, the checkpoints untouched.
+    third = _main(*args, "--config.model.num_heads=4")
+    assert third.returncode == 1
+    assert "model.num_heads: checkpoint 2, config 4" in third.stderr
+    assert "Traceback" not in third.stderr
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["6", "9"]
 
 
 def test_cli_bad_config_is_one_clear_line(tmp_path):

@@ -1,14 +1,11 @@
 """Reliability (issue 7): non-finite steps are skipped and a streak stops the run; SIGTERM saves
 and exits cleanly; a run killed mid-flight and rerun gives the uninterrupted run's losses."""
 
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +27,7 @@ from deepscale_jax.train import (
     train_and_evaluate,
 )
 from deepscale_jax.validation import validate_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli, start_cli
 
 
 def smoke_config(data_dir, *extra):
@@ -287,44 +283,6 @@ def _cli_args(data_dir, workdir, *extra):
     ]
 
 
-def _env():
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _run_cli(args):
-    result = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _start_cli(args, workdir, until_step, log_dir):
-    """Starts the CLI (output to files in `log_dir`, so no pipe fills up) and returns
-    (the process, a function giving its (stdout, stderr)) once metrics.jsonl logs a step
-    >= `until_step`."""
-    out_path, err_path = os.path.join(log_dir, "stdout"), os.path.join(log_dir, "stderr")
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=out, stderr=err, text=True)
-
-    def output():
-        with open(out_path) as out, open(err_path) as err:
-            return out.read(), err.read()
-
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        assert proc.poll() is None, output()[1][-3000:]
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
-            if steps and max(steps) >= until_step:
-                return proc, output
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no step {until_step} logged in time")
-
-
 @pytest.mark.slow  # ~35 s: two CLI launches
 def test_cli_sigterm_exits_0_with_a_checkpoint_and_the_rerun_completes(data_dir, tmp_path):
     workdir = tmp_path / "run"
@@ -335,7 +293,7 @@ def test_cli_sigterm_exits_0_with_a_checkpoint_and_the_rerun_completes(data_dir,
         "--config.train.log_every_steps=1",
         "--config.ckpt.every_steps=100",
     )
-    proc, output = _start_cli(args, str(workdir), until_step=3, log_dir=tmp_path)
+    proc, output = start_cli(args, str(workdir), until_step=3, log_dir=tmp_path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     out, err = output()
@@ -347,7 +305,7 @@ def test_cli_sigterm_exits_0_with_a_checkpoint_and_the_rerun_completes(data_dir,
     assert str(step) in os.listdir(workdir / "checkpoints")
     assert max(r["step"] for r in read_metrics(str(workdir))) == step
 
-    again = _run_cli(args)
+    again = run_cli(args)
     assert f"Resuming from checkpoint at step {step}" in again.stdout
     assert "final validation" in again.stdout
     assert sorted(_losses(str(workdir))) == list(range(1, 301))
@@ -389,11 +347,11 @@ def test_cli_sigkill_then_rerun_gives_the_uninterrupted_losses(data_dir, tmp_pat
         "--config.model.dropout=0.1",
     )
     straight = tmp_path / "straight"
-    _run_cli(_cli_args(data_dir, straight, *extra))
+    run_cli(_cli_args(data_dir, straight, *extra))
 
     killed = tmp_path / "killed"
     args = _cli_args(data_dir, killed, *extra)
-    proc, _ = _start_cli(args, str(killed), until_step=15, log_dir=tmp_path)
+    proc, _ = start_cli(args, str(killed), until_step=15, log_dir=tmp_path)
     proc.kill()  # SIGKILL: no handler, a save may be in flight
     proc.wait(timeout=60)
     ckpt_dir = killed / "checkpoints"
@@ -404,7 +362,7 @@ def test_cli_sigkill_then_rerun_gives_the_uninterrupted_losses(data_dir, tmp_pat
     unfinished = ckpt_dir / f"{last + 2}.orbax-checkpoint-tmp"
     os.makedirs(unfinished / "state", exist_ok=True)
 
-    again = _run_cli(args)
+    again = run_cli(args)
     assert f"Removed unfinished checkpoint {unfinished}" in again.stdout
     assert f"Resuming from checkpoint at step {last}" in again.stdout
     assert not any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpt_dir))

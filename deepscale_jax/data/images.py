@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from deepscale_jax.data import pipeline
+from deepscale_jax.validation import check_choice
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_HELD_OUT = 270  # test and validation examples each
@@ -86,15 +87,16 @@ def digits_source(split: str, data_dir: str | None = None) -> ArraySource:
 
 
 def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[Mapping[str, Any]]:
-    import tensorflow_datasets as tfds
+    from deepscale_jax.data import sources  # imports TFDS: only for the TFDS data sets
 
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (AssertionError, FileNotFoundError, NotImplementedError) as e:
-        raise RuntimeError(
-            f"{name} is not prepared as ArrayRecord under data_dir={data_dir!r}; prepare it "
-            f"once with `tfds build {name} --file_format=array_record --data_dir=DIR`"
-        ) from e
+    build = f"tfds build {name} --file_format=array_record --data_dir=DIR"
+    return sources.open_tfds_source(
+        name,
+        split,
+        data_dir,
+        prepare=f"prepare it once with `{build}`",
+        rebuild=f"rebuild it with `{build} --overwrite`",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +144,7 @@ IMAGE_DATASETS: dict[str, ImageDataset] = {
 
 
 def get_image_dataset(data_config) -> ImageDataset:
-    name = data_config.name
-    if name not in IMAGE_DATASETS:
-        raise ValueError(f"unknown data.name={name!r}; accepted: {', '.join(IMAGE_DATASETS)}")
-    return IMAGE_DATASETS[name]
+    return IMAGE_DATASETS[check_choice(data_config.get("name"), "data.name", IMAGE_DATASETS)]
 
 
 def image_size(data_config) -> int:
@@ -308,7 +307,10 @@ def make_image_iterator(
         )
     source = spec.source(split, data_config.get("data_dir"))
     if len(source) == 0:
-        raise ValueError(f"split={split!r} of data.name={data_config.name!r} is empty")
+        raise ValueError(
+            f"split={split!r} of data.name={data_config.name!r} is empty (0 examples); use a "
+            f"non-empty split of {list(spec.splits)}"
+        )
     if training:
         records = grain.MapDataset.source(source).shuffle(pipeline.shuffle_seed(seed)).repeat()
     else:

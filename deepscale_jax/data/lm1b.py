@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import tensorflow_datasets as tfds
+from deepscale_jax.data import sources
 
 DATASET_NAME = "lm1b"
 #: The splits of TFDS's lm1b (1.1.0): ~30.3M training and ~306k test sentences.
@@ -33,12 +33,14 @@ def data_source(split: str, data_dir: str | None = None) -> Sequence[Mapping[str
 
     Raises:
       RuntimeError: if lm1b is not prepared as ArrayRecord under `data_dir`.
+      sources.CorruptDataError: if its files are corrupted or truncated (when read).
     """
-    try:
-        return tfds.data_source(DATASET_NAME, split=split, data_dir=data_dir, download=False)
-    except (AssertionError, FileNotFoundError, NotImplementedError) as e:
-        raise RuntimeError(
-            f"lm1b is not prepared as ArrayRecord under data_dir={data_dir!r}; prepare it "
-            "once with `tfds build lm1b --file_format=array_record --data_dir=DIR` "
-            "(downloads ~1.7 GB; TFDS's lm1b builder needs TensorFlow to prepare)"
-        ) from e
+    build = "tfds build lm1b --file_format=array_record --data_dir=DIR"
+    note = " (downloads ~1.7 GB; TFDS's lm1b builder needs TensorFlow to prepare)"
+    return sources.open_tfds_source(
+        DATASET_NAME,
+        split,
+        data_dir,
+        prepare=f"prepare it once with `{build}`{note}",
+        rebuild=f"rebuild it with `{build} --overwrite`{note}",
+    )

@@ -36,6 +36,7 @@ import numpy as np
 
 from deepscale_jax.data import pipeline
 from deepscale_jax.data.tokenizers import ByteTokenizer
+from deepscale_jax.validation import check_number
 
 PAD_ID = 256
 MASK_ID = 257
@@ -117,14 +118,21 @@ def _mask_at(seed: int, rates: MaskingRates, index: int, tokens: np.ndarray) -> 
     return mask_row(tokens, np.random.default_rng([seed, index]), rates)
 
 
+def check_corpus(data_config) -> pipeline.Corpus:
+    """The corpus `data.name`, which must be one the MLM pipeline can hold in memory."""
+    corpus = pipeline.get_corpus(data_config)
+    if corpus.streaming:
+        in_memory = [name for name, c in pipeline.CORPORA.items() if not c.streaming]
+        raise ValueError(
+            f"data.name={data_config.name!r} is a streaming corpus; the MLM pipeline packs a "
+            f"split in memory: use one of {', '.join(in_memory)}"
+        )
+    return corpus
+
+
 @functools.lru_cache(maxsize=8)
 def _split_rows(name: str, data_dir: str | None, split: str, seq_len: int) -> np.ndarray:
     corpus = pipeline.CORPORA[name]
-    if corpus.streaming:
-        raise ValueError(
-            f"data.name={name!r} is a streaming corpus; the MLM pipeline packs a split in "
-            "memory (use an in-memory corpus such as 'shakespeare')"
-        )
     records = corpus.data_source(split, data_dir)
     documents = [
         pipeline.encode_document(records[i], corpus.text_feature) for i in range(len(records))
@@ -136,7 +144,7 @@ def split_rows(data_config, split: str, seq_len: int) -> np.ndarray:
     """The packed, padded (N, seq_len) rows of `split` (cached per process)."""
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
-    corpus = pipeline.get_corpus(data_config)
+    corpus = check_corpus(data_config)
     if split.split("[")[0] not in corpus.splits:
         raise ValueError(
             f"split={split!r} does not exist for data.name={data_config.name!r}; "
@@ -185,10 +193,16 @@ def make_mlm_iterator(
             f"process_count={process_count}"
         )
     rows = split_rows(data_config, split, seq_len)
+    if len(rows) == 0:
+        raise ValueError(
+            f"split={split!r} of data.name={data_config.name!r} is empty (0 documents); use a "
+            f"non-empty split of {list(pipeline.get_corpus(data_config).splits)}"
+        )
     if not repeat and len(rows) < global_batch_size:
         raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the {len(rows)} rows of "
-            f"split={split!r} at seq_len={seq_len}; one pass would yield no batch"
+            f"train.batch_size={global_batch_size} is larger than the {len(rows)} rows of "
+            f"split={split!r} at train.seq_len={seq_len}: one pass would yield no batch; use "
+            f"train.batch_size <= {len(rows)}"
         )
     examples = grain.MapDataset.source(rows)
     if shuffle:
@@ -205,10 +219,17 @@ def make_mlm_iterator(
 
 def masking_rates(data_config) -> MaskingRates:
     """The masking rates of `data_config` (defaults 0.15 / 0.8 / 0.1), validated."""
-    rates = MaskingRates(
-        float(data_config.get("mask_rate", 0.15)),
-        float(data_config.get("mask_token_rate", 0.8)),
-        float(data_config.get("random_token_rate", 0.1)),
-    )
+    defaults = MaskingRates()
+    values = {
+        name: data_config.get(name, default)
+        for name, default in (
+            ("mask_rate", defaults.mask_rate),
+            ("mask_token_rate", defaults.mask_token),
+            ("random_token_rate", defaults.random_token),
+        )
+    }
+    for name, value in values.items():
+        check_number(value, f"data.{name}", 0, 1)
+    rates = MaskingRates(*(float(v) for v in values.values()))
     rates.validate()
     return rates

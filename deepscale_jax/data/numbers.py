@@ -24,6 +24,7 @@ import numpy as np
 from num2words import num2words
 
 from deepscale_jax.data import translation
+from deepscale_jax.validation import check_int
 
 VOCAB = translation.ByteVocabulary()
 VOCAB_SIZE = VOCAB.vocab_size
@@ -39,8 +40,42 @@ DEFAULTS = {
 }
 
 
+#: The smallest accepted value of each option (all are integers).
+MINIMUMS = {
+    "max_number": 1,
+    "split_seed": 0,
+    "validation_size": 0,
+    "test_size": 0,
+    "train_size": 0,
+    "src_len": 2,
+    "tgt_len": 2,
+}
+
+
 def option(data_config, name: str) -> int:
     return int(data_config.get(name, DEFAULTS[name]))
+
+
+def check_options(data_config) -> None:
+    """Each of this data set's options that `data_config` sets is an integer >= its minimum
+    (`data.train_size=0`: all the numbers left)."""
+    for name, minimum in MINIMUMS.items():
+        if name in data_config:
+            check_int(data_config[name], f"data.{name}", minimum=minimum)
+
+
+def validate(data_config) -> None:
+    """The options (`check_options`) and the split sizes fit 0..data.max_number."""
+    check_options(data_config)
+    sizes = {n: option(data_config, n) for n in ("validation_size", "test_size", "train_size")}
+    available = option(data_config, "max_number") + 1
+    if sizes["validation_size"] + sizes["test_size"] + max(sizes["train_size"], 1) > available:
+        raise ValueError(
+            f"data.validation_size={sizes['validation_size']} + data.test_size="
+            f"{sizes['test_size']} + data.train_size={sizes['train_size']} exceed the "
+            f"{available} numbers 0..data.max_number={available - 1}; lower the sizes or raise "
+            "data.max_number"
+        )
 
 
 def german(number: int) -> str:
@@ -103,7 +138,13 @@ def make_iterator(
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
     """This process's iterator of translation batches of `split` (data/translation.py)."""
-    pairs = grain.MapDataset.source(split_numbers(data_config, split)).map(_pair)
+    numbers = split_numbers(data_config, split)
+    if len(numbers) == 0:
+        raise ValueError(
+            f"split={split!r} of data.name='numbers' is empty (data.{split}_size=0); set "
+            f"data.{split}_size > 0 or leave {split!r} out of data.eval_splits"
+        )
+    pairs = grain.MapDataset.source(numbers).map(_pair)
     return translation.make_translation_iterator(
         pairs,
         VOCAB,

@@ -49,6 +49,7 @@ import numpy as np
 
 from deepscale_jax.data import lm1b, shakespeare
 from deepscale_jax.data.tokenizers import ByteTokenizer
+from deepscale_jax.validation import check_choice
 
 _TOKENIZER = ByteTokenizer()
 
@@ -79,10 +80,7 @@ CORPORA: dict[str, Corpus] = {
 
 def get_corpus(data_config) -> Corpus:
     """Returns the registered corpus named ``data_config.name``."""
-    name = data_config.name
-    if name not in CORPORA:
-        raise ValueError(f"unknown data.name={name!r}; accepted names: {sorted(CORPORA)}")
-    return CORPORA[name]
+    return CORPORA[check_choice(data_config.get("name"), "data.name", sorted(CORPORA))]
 
 
 def lm_vocab_size(data_config) -> int:
@@ -226,9 +224,10 @@ def _check_arguments(
 
 
 def _too_short(where: str, seq_len: int, num_tokens: int) -> ValueError:
+    fix = f"use train.seq_len <= {num_tokens - 1}" if num_tokens > 1 else "use a larger split"
     return ValueError(
-        f"seq_len={seq_len} is longer than {where} allows: it has {num_tokens} tokens and a "
-        f"window needs seq_len + 1 = {seq_len + 1}; use seq_len <= {max(num_tokens - 1, 0)}"
+        f"train.seq_len={seq_len} is longer than {where} allows: its whole token stream has "
+        f"{num_tokens} tokens and a window needs train.seq_len + 1 = {seq_len + 1}; {fix}"
     )
 
 
@@ -249,9 +248,9 @@ def _in_memory_batches(
         raise _too_short(where, seq_len, len(stream))
     if not repeat and count < global_batch_size:
         raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the number of windows "
-            f"({count}) of {where} at seq_len={seq_len}: one pass would yield no batch; "
-            f"use global_batch_size <= {count}"
+            f"train.batch_size={global_batch_size} is larger than the {count} windows of "
+            f"{where} at train.seq_len={seq_len}: one pass would yield no batch; use "
+            f"train.batch_size <= {count} or a smaller train.seq_len"
         )
     windows = grain.MapDataset.range(count).map(functools.partial(window_at, stream, seq_len))
     if shuffle:
@@ -325,8 +324,8 @@ def make_lm_iterator(
     records = corpus.data_source(split, data_config.get("data_dir"))
     if len(records) == 0:
         raise ValueError(
-            f"split={split!r} of data.name={name!r} is empty (0 documents); "
-            f"use a non-empty split of {list(corpus.splits)}"
+            f"split={split!r} of data.name={name!r} is empty (0 documents under data.data_dir="
+            f"{data_config.get('data_dir')!r}); use a non-empty split of {list(corpus.splits)}"
         )
     documents = grain.MapDataset.source(records).map(
         functools.partial(encode_document, text_feature=corpus.text_feature)

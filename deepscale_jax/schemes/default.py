@@ -21,6 +21,11 @@ class DefaultScheme(Scheme):
     name = "default"
     std_base: float = 0.02
 
+    def validate(self) -> None:
+        super().validate()
+        if not self.std_base > 0:
+            raise ValueError(f"scheme.std_base={self.std_base!r} must be positive")
+
     def std(self, role: str, layer) -> Std:
         self.check_role(role)
         if role in ("attn_out", "cross_out", "ffn_out"):

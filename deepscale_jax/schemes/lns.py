@@ -31,6 +31,11 @@ class LayerNormScalingScheme(Scheme):
     placements = ("pre",)
     std_base: float = 0.02
 
+    def validate(self) -> None:
+        super().validate()
+        if not self.std_base > 0:
+            raise ValueError(f"scheme.std_base={self.std_base!r} must be positive")
+
     def std(self, role: str, layer: jax.Array | int | None) -> Std:
         self.check_role(role)
         return self.std_base

@@ -89,10 +89,11 @@ class Task(abc.ABC):
 
 
 def check_seq_len(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
-    """train.seq_len is a positive integer that fits the position table."""
+    """train.seq_len (a positive integer: `validation.validate_config`) is set and fits the
+    position table."""
     seq_len = config.train.get("seq_len")
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
-        raise ValueError(f"train.seq_len={seq_len!r} must be a positive integer")
+    if seq_len is None:
+        raise ValueError(f"task={config.task!r} needs train.seq_len (tokens per row)")
     if seq_len > model.max_len:
         raise ValueError(
             f"train.seq_len={seq_len} is longer than the position table "

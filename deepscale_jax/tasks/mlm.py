@@ -47,6 +47,7 @@ class MaskedLanguageModelTask(Task):
                 f"model.vocab_size={model.vocab_size} must be {mlm_data.VOCAB_SIZE} for the "
                 "MLM: 256 bytes + [PAD] + [MASK]"
             )
+        mlm_data.check_corpus(config.data)
         mlm_data.masking_rates(config.data)
 
     def build_model(self, model: ModelConfig, scheme: Scheme):

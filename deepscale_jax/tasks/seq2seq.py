@@ -41,6 +41,7 @@ from deepscale_jax.models import Seq2SeqConfig, build_model
 from deepscale_jax.models.seq2seq import check_encoder_decoder
 from deepscale_jax.schemes.base import Scheme
 from deepscale_jax.tasks.base import Batch, Task
+from deepscale_jax.validation import check_bool, check_choice, check_int, check_number
 
 BLEU_STATS = 10  # 4 n-gram match counts, 4 n-gram totals, hypothesis length, reference length
 # data.name -> the module with option(), vocabulary(), DEFAULTS and the batch iterator.
@@ -52,10 +53,7 @@ EVAL_DECODES = ("greedy", "beam")
 
 
 def data_module(config: ml_collections.ConfigDict) -> ModuleType:
-    name = config.data.name
-    if name not in TRANSLATION_DATA:
-        raise ValueError(f"unknown data.name={name!r}; accepted: {', '.join(TRANSLATION_DATA)}")
-    return TRANSLATION_DATA[name]
+    return TRANSLATION_DATA[check_choice(config.data.name, "data.name", TRANSLATION_DATA)]
 
 
 def bleu_statistics(predictions: np.ndarray, targets: np.ndarray, vocab: Vocabulary) -> np.ndarray:
@@ -88,6 +86,9 @@ class Seq2SeqTask(Task):
     def validate(cls, config: ml_collections.ConfigDict, model: ModelConfig) -> None:
         check_encoder_decoder(model)
         data = data_module(config)
+        for module in (numbers, wmt):  # the section holds both modules' fields
+            module.check_options(config.data)
+        data.validate(config.data)
         if data is numbers and model.vocab_size != numbers.VOCAB_SIZE:
             raise ValueError(
                 f"model.vocab_size={model.vocab_size} must be {numbers.VOCAB_SIZE}: 256 bytes "
@@ -105,19 +106,16 @@ class Seq2SeqTask(Task):
                     f"data.{name}={length} is longer than the position table "
                     f"model.max_len={model.max_len}"
                 )
-        smoothing = config.seq2seq.label_smoothing
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"seq2seq.label_smoothing={smoothing!r} must lie in [0, 1)")
+        if "seq2seq" not in config:
+            raise ValueError("task='seq2seq' needs a config.seq2seq section (configs/seq2seq.py)")
         section = config.seq2seq
-        if section.eval_decode not in EVAL_DECODES:
-            raise ValueError(
-                f"unknown seq2seq.eval_decode={section.eval_decode!r}; accepted: "
-                f"{', '.join(EVAL_DECODES)}"
-            )
-        if not (isinstance(section.beam_size, int) and section.beam_size >= 1):
-            raise ValueError(f"seq2seq.beam_size={section.beam_size!r} must be an integer >= 1")
-        if not section.length_penalty >= 0.0:
-            raise ValueError(f"seq2seq.length_penalty={section.length_penalty!r} must be >= 0")
+        check_bool(section.get("scale_embeddings"), "seq2seq.scale_embeddings")
+        check_number(
+            section.get("label_smoothing"), "seq2seq.label_smoothing", 0, 1, high_open=True
+        )
+        check_choice(section.get("eval_decode"), "seq2seq.eval_decode", EVAL_DECODES)
+        check_int(section.get("beam_size"), "seq2seq.beam_size")
+        check_number(section.get("length_penalty"), "seq2seq.length_penalty", 0)
 
     def build_model(self, model: ModelConfig, scheme: Scheme):
         return build_model("seq2seq", model, scheme, seq2seq=seq2seq_config(self.config))

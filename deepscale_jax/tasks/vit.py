@@ -20,6 +20,7 @@ from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models import ViTConfig, build_model
 from deepscale_jax.schemes.base import Scheme
 from deepscale_jax.tasks.base import Batch, Task
+from deepscale_jax.validation import check_choice, check_int, is_int
 
 
 def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
@@ -44,6 +45,27 @@ class ImageClassificationTask(Task):
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+        spec = images.get_image_dataset(config.data)
+        size = config.data.get("image_size")
+        if size is not None:
+            check_int(size, "data.image_size")
+            patch = config.get("vit", {}).get("patch_size")
+            if is_int(patch) and patch > 0 and size % patch:
+                raise ValueError(
+                    f"data.image_size={size} is not a multiple of vit.patch_size={patch}"
+                )
+        augment = config.data.get("augment")
+        if augment is not None:
+            check_choice(augment, "data.augment", images.AUGMENTATIONS)
+        splits = config.data.get("eval_splits")
+        if splits is not None:
+            if isinstance(splits, str) or not splits:
+                raise ValueError(
+                    f"data.eval_splits={splits!r} must be a non-empty tuple of split names of "
+                    f"data.name={config.data.name!r}: {', '.join(spec.splits)}"
+                )
+            for split in splits:
+                check_choice(split, "data.eval_splits split", spec.splits)
         vit = vit_config(config)
         if model.max_len < vit.num_tokens:
             raise ValueError(
