@@ -76,6 +76,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
             # Consecutive steps with a non-finite loss or gradient (each skipped) before the
             # run stops with an error naming the last good checkpoint (deepscale_jax/train.py).
             "max_bad_steps": 10,
+            # > 1: log the layer whose gradient norm jumped when a log interval's largest loss
+            # exceeds this multiple of the loss's moving average (deepscale_jax/spikes.py);
+            # 0 = off (no per-layer norms computed).
+            "spike_factor": 0.0,
         }
     )
     config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})

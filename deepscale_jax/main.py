@@ -14,8 +14,10 @@ under SLURM/MPI; `python -m deepscale_jax.launch` starts N such processes on one
 
 from __future__ import annotations
 
+import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -46,6 +48,13 @@ flags.DEFINE_bool(
     False,
     "Multi-process with JAX's cluster detection (TPU pod hosts, SLURM srun, mpirun, GKE).",
 )
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or os.path.join(os.path.expanduser("~"), ".cache", "deepscale_jax", "jax_compilation_cache"),
+    "JAX's persistent compilation cache: a rerun (resume, sweep point) loads the compiled "
+    "train and eval steps instead of compiling again; '' turns it off.",
+)
 flags.DEFINE_bool(
     "traceback", False, "Show the traceback of a bad-input error instead of one line."
 )
@@ -67,6 +76,8 @@ def main(argv: list[str]) -> None:
         validate_config(FLAGS.config)
         check_workdir(FLAGS.workdir)
         distributed.initialize(spec)
+        if FLAGS.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
         if not distributed.is_main_process():
             logging.set_verbosity(logging.ERROR)
         final = train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -7,15 +7,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from deepscale_jax import flops
 
 
 def token_cross_entropy(
@@ -94,3 +99,108 @@ def truncate_metrics(workdir: str, last_step: int) -> int:
             f.writelines(kept)
         os.replace(tmp, path)
     return len(lines) - len(kept)
+
+
+LAYER_NORMS = "layer_grad_norm/"  # per-step metrics holding (num_layers,) vectors (spikes.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNormStats:
+    """One log interval's per-layer gradient norms (`spikes.layer_grad_norms`): at the step
+    with the largest loss, and averaged over the interval's applied steps."""
+
+    loss_max: float
+    at_max: dict[str, np.ndarray]
+    mean: dict[str, np.ndarray]
+
+
+class IntervalMeter:
+    """Sums per-step metrics on the device and fetches them once per log interval, adding
+    throughput (time spent in evaluation is excluded by `restart_clock`).
+
+    With a `train/skipped` metric (1.0 on a skipped step), the metrics in `APPLIED_MEANS` are
+    averaged over the interval's applied steps only (NaN if every step was skipped) and
+    `train/skipped` itself is not reported (the loop logs the total, `train/skipped_steps`).
+
+    Per-layer vectors (`LAYER_NORMS` + stack) are not reported as scalars: `flush` returns them
+    as `LayerNormStats` for spike detection. With `flops_per_step` (flops.py) and the peak
+    FLOP/s of one device, `perf/tflops_per_sec_per_device` and `perf/mfu` are added
+    (`flops.perf_metrics`)."""
+
+    APPLIED_MEANS = ("train/loss", "train/grad_norm")
+
+    def __init__(
+        self,
+        units_per_step: int,
+        unit: str = "tokens",
+        flops_per_step: float | None = None,
+        num_devices: int = 1,
+        peak_flops_per_device: float | None = None,
+    ) -> None:
+        self.units_per_step = units_per_step
+        self.unit = unit
+        self.flops_per_step = flops_per_step
+        self.num_devices = num_devices
+        self.peak_flops_per_device = peak_flops_per_device
+        self._sums: dict | None = None
+        self._max: tuple[jax.Array, dict] | None = None  # (largest loss, layer norms there)
+        self._steps = 0
+        self._start = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        """Steps added since the last flush."""
+        return self._steps
+
+    def add(self, metrics: dict) -> None:
+        self._sums = metrics if self._sums is None else jax.tree.map(jnp.add, self._sums, metrics)
+        layers = {k: v for k, v in metrics.items() if k.startswith(LAYER_NORMS)}
+        if layers:
+            loss = metrics["train/loss"]
+            if self._max is None:
+                self._max = (loss, layers)
+            else:
+                worse = loss > self._max[0]
+                self._max = (
+                    jnp.maximum(loss, self._max[0]),
+                    jax.tree.map(lambda n, o: jnp.where(worse, n, o), layers, self._max[1]),
+                )
+        self._steps += 1
+
+    def restart_clock(self) -> None:
+        self._start = time.perf_counter()
+
+    def flush(self) -> tuple[dict[str, float], LayerNormStats | None]:
+        """(the interval's scalars, its per-layer norm statistics or None); resets."""
+        sums, peak = jax.device_get((self._sums, self._max))
+        applied = self._steps - float(sums.pop("train/skipped", 0.0))
+        vectors = {
+            k[len(LAYER_NORMS) :]: sums.pop(k) for k in list(sums) if k.startswith(LAYER_NORMS)
+        }
+        scalars = {}
+        for name, total in sums.items():
+            if name in self.APPLIED_MEANS:
+                scalars[name] = float(total) / applied if applied else float("nan")
+            else:
+                scalars[name] = float(total) / self._steps
+        elapsed = time.perf_counter() - self._start
+        step_seconds = elapsed / self._steps
+        scalars[f"perf/{self.unit}_per_sec"] = self.units_per_step / step_seconds
+        scalars["perf/step_seconds"] = step_seconds
+        if self.flops_per_step and self.peak_flops_per_device:
+            scalars.update(
+                flops.perf_metrics(
+                    self.flops_per_step,
+                    step_seconds,
+                    self.num_devices,
+                    self.peak_flops_per_device,
+                )
+            )
+        stats = None
+        if peak is not None:
+            mean = {k: v / max(applied, 1.0) for k, v in vectors.items()}
+            at_max = {k[len(LAYER_NORMS) :]: v for k, v in peak[1].items()}
+            stats = LayerNormStats(float(peak[0]), at_max, mean)
+        self._sums, self._max, self._steps = None, None, 0
+        self.restart_clock()
+        return scalars, stats

@@ -46,16 +46,17 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from deepscale_jax import distributed, sharding
+from deepscale_jax import distributed, flops, sharding
 from deepscale_jax.checkpoint import (
     Checkpointer,
     abstract_state,
     checkpoint_metadata,
     remove_unfinished_checkpoints,
 )
-from deepscale_jax.metrics import MetricWriter, truncate_metrics
+from deepscale_jax.metrics import LAYER_NORMS, IntervalMeter, MetricWriter, truncate_metrics
 from deepscale_jax.optim import make_optimizer, make_schedule
 from deepscale_jax.preemption import Preemption
+from deepscale_jax.spikes import SpikeDetector, layer_grad_norms
 from deepscale_jax.tasks import Task, build_task
 from deepscale_jax.validation import check_workdir, validate_config
 
@@ -122,9 +123,12 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     max_bad_steps: int = DEFAULT_MAX_BAD_STEPS,
+    layer_norms: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """One step; a step with a non-finite loss or gradient is skipped (see the module doc), and
     once `max_bad_steps` consecutive steps were skipped every later step is skipped too.
+    `layer_norms` adds each stack's per-layer gradient norms (`LAYER_NORMS` + stack, zeros on a
+    skipped step) for spike detection (spikes.py).
 
     Per-step metrics: `train/loss` and `train/grad_norm` (0 on a skipped step; `IntervalMeter`
     averages them over the interval's applied steps), `train/learning_rate` (the one the
@@ -156,6 +160,9 @@ def make_train_step(
             "train/learning_rate": schedule(state.step - state.skipped_steps),
             "train/skipped": skipped.astype(jnp.float32),
         }
+        if layer_norms:
+            for stack, norms in layer_grad_norms(grads).items():
+                metrics[LAYER_NORMS + stack] = jnp.where(apply, norms, 0.0)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
@@ -175,10 +182,11 @@ def jit_train_step(
     state_shardings: TrainState,
     batch_sharding: jax.sharding.NamedSharding,
     max_bad_steps: int = DEFAULT_MAX_BAD_STEPS,
+    layer_norms: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The train step jitted with explicit shardings and the state donated."""
     return jax.jit(
-        make_train_step(task, tx, schedule, max_bad_steps),
+        make_train_step(task, tx, schedule, max_bad_steps, layer_norms),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)),
         donate_argnums=0,
@@ -236,50 +244,19 @@ def format_scores(scores: dict[str, float]) -> str:
     return "; ".join(f"{split} {', '.join(parts)}" for split, parts in by_split.items())
 
 
-class IntervalMeter:
-    """Sums per-step metrics on the device and fetches them once per log interval, adding
-    throughput (time spent in evaluation is excluded by `restart_clock`).
-
-    With a `train/skipped` metric (1.0 on a skipped step), the metrics in `APPLIED_MEANS` are
-    averaged over the interval's applied steps only (NaN if every step was skipped) and
-    `train/skipped` itself is not reported (the loop logs the total, `train/skipped_steps`)."""
-
-    APPLIED_MEANS = ("train/loss", "train/grad_norm")
-
-    def __init__(self, units_per_step: int, unit: str = "tokens") -> None:
-        self.units_per_step = units_per_step
-        self.unit = unit
-        self._sums: dict | None = None
-        self._steps = 0
-        self._start = time.perf_counter()
-
-    @property
-    def steps(self) -> int:
-        """Steps added since the last flush."""
-        return self._steps
-
-    def add(self, metrics: dict) -> None:
-        self._sums = metrics if self._sums is None else jax.tree.map(jnp.add, self._sums, metrics)
-        self._steps += 1
-
-    def restart_clock(self) -> None:
-        self._start = time.perf_counter()
-
-    def flush(self) -> dict[str, float]:
-        sums = {k: float(v) for k, v in jax.device_get(self._sums).items()}
-        applied = self._steps - sums.pop("train/skipped", 0.0)
-        scalars = {}
-        for name, total in sums.items():
-            if name in self.APPLIED_MEANS:
-                scalars[name] = total / applied if applied else float("nan")
-            else:
-                scalars[name] = total / self._steps
-        elapsed = time.perf_counter() - self._start
-        scalars[f"perf/{self.unit}_per_sec"] = self._steps * self.units_per_step / elapsed
-        scalars["perf/step_seconds"] = elapsed / self._steps
-        self._sums, self._steps = None, 0
-        self.restart_clock()
-        return scalars
+def performance_model(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """IntervalMeter's FLOP arguments: the analytic training FLOPs per step (flops.py), the
+    device count and one device's peak FLOP/s in the model's dtype (the data-sheet figure, or
+    on CPU the measured large-matmul rate shared by this process's simulated devices)."""
+    devices = jax.devices()
+    peak = flops.peak_flops_per_device(devices[0], config.model.dtype)
+    if devices[0].platform == "cpu":
+        peak /= jax.local_device_count()  # forced host devices share the machine's cores
+    return {
+        "flops_per_step": flops.train_flops_per_step_for(config),
+        "num_devices": len(devices),
+        "peak_flops_per_device": peak,
+    }
 
 
 class TrainingDiverged(RuntimeError):
@@ -327,6 +304,8 @@ def train_loop(
     saved during a streak of skipped steps. Raises `TrainingDiverged` (see the module doc)."""
     num_steps = config.train.num_steps
     max_bad_steps = config.train.max_bad_steps
+    spike_factor = config.train.get("spike_factor", 0.0)
+    perf = performance_model(config)
     progress = tqdm(
         total=num_steps,
         initial=start,
@@ -345,7 +324,9 @@ def train_loop(
         compile_seconds = time.perf_counter() - t_compile
         writer.write(start, {"perf/compile_seconds": compile_seconds})
         say(f"train step compiled in {compile_seconds:.1f} s")
-        meter = IntervalMeter(task.units_per_step(), task.unit)
+        meter = IntervalMeter(task.units_per_step(), task.unit, **perf)
+        spikes = SpikeDetector(spike_factor) if spike_factor else None
+        interval_start = start + 1
         speed = f"perf/{task.unit}_per_sec"
         for step in range(start + 1, num_steps + 1):
             if step > start + 1:
@@ -365,13 +346,28 @@ def train_loop(
                 int(x) for x in jax.device_get((state.bad_steps, state.skipped_steps))
             )
             if log:
-                scalars = meter.flush()
+                scalars, layer_stats = meter.flush()
                 scalars["train/skipped_steps"] = skipped_steps
+                if spikes is not None and layer_stats is not None:
+                    spike = spikes.update(
+                        interval_start,
+                        step,
+                        scalars["train/loss"],
+                        layer_stats.loss_max,
+                        layer_stats.at_max,
+                        layer_stats.mean,
+                    )
+                    if spike is not None:
+                        say(f"step {step}: {spike.message()}")
+                        logging.warning("%s", spike.message())
+                        scalars.update(spike.metrics())
+                interval_start = step + 1
                 writer.write(step, scalars)
                 final.update(scalars)
                 progress.set_postfix(
                     loss=f"{scalars['train/loss']:.3f}",
                     **{SPEED_LABELS.get(task.unit, "it_s"): f"{scalars[speed]:.0f}"},
+                    mfu=f"{scalars['perf/mfu']:.1%}",
                 )
             if bad_steps >= max_bad_steps:
                 raise _diverged(step, bad_steps, max_bad_steps, ckpt)
@@ -464,7 +460,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     train_step = jit_train_step(
-        task, tx, schedule, state_shardings, batch_sharding, config.train.max_bad_steps
+        task,
+        tx,
+        schedule,
+        state_shardings,
+        batch_sharding,
+        config.train.max_bad_steps,
+        layer_norms=bool(config.train.get("spike_factor", 0.0)),
     )
     eval_step = jit_eval_step(task, state_shardings.params, batch_sharding)
 

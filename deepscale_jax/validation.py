@@ -113,6 +113,12 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
     if "seq_len" in train:  # the image task has none; text tasks check it against max_len
         check_int(train.seq_len, "train.seq_len")
     check_int(train.get("seed"), "train.seed", minimum=0)
+    spike_factor = train.get("spike_factor", 0.0)
+    if not (spike_factor == 0 or check_number(spike_factor, "train.spike_factor") > 1):
+        raise ValueError(
+            f"train.spike_factor={spike_factor!r} must be 0 (off) or a number > 1 (a loss above "
+            "that multiple of its moving average is reported as a spike)"
+        )
     value = train.get("eval_batches")
     if not is_int(value) or value == 0 or value < -1:
         raise ValueError(f"train.eval_batches={value!r} must be a positive integer or -1 (all)")

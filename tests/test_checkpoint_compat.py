@@ -217,7 +217,7 @@ def _restore_main(directory: str, mesh_json: str, out: str) -> None:
     np.savez(out, **flat_numpy(restored))
 
 
-@pytest.mark.slow  # ~30 s: two subprocesses
+@pytest.mark.multiprocess  # ~30 s: two subprocesses
 def test_restore_on_other_device_counts_and_meshes(tmp_path):
     directory = str(tmp_path / "ck")
     _, state, _ = save(tiny_config(), directory)

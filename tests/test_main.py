@@ -27,10 +27,12 @@ def test_cli_trains_then_resumes(data_dir, tmp_path):
         "--config=configs/lm.py:smoke",
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={data_dir}",
+        f"--compilation_cache_dir={tmp_path / 'cache'}",
     ]
     first = _main(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "final validation" in first.stdout
+    assert os.listdir(tmp_path / "cache")  # the compiled steps, for the rerun to load
     second = _main(*args, "--config.train.num_steps=9")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Resuming from checkpoint at step 6" in second.stdout

@@ -283,7 +283,7 @@ def _cli_args(data_dir, workdir, *extra):
     ]
 
 
-@pytest.mark.slow  # ~35 s: two CLI launches
+@pytest.mark.multiprocess  # ~30 s: two CLI launches
 def test_cli_sigterm_exits_0_with_a_checkpoint_and_the_rerun_completes(data_dir, tmp_path):
     workdir = tmp_path / "run"
     args = _cli_args(
@@ -338,7 +338,7 @@ def test_rerun_after_a_kill_ignores_unfinished_saves_and_rewrites_later_metrics(
         assert resumed[step] == expected[step], step
 
 
-@pytest.mark.slow  # ~40 s: three CLI launches
+@pytest.mark.multiprocess  # ~40 s: three CLI launches
 def test_cli_sigkill_then_rerun_gives_the_uninterrupted_losses(data_dir, tmp_path):
     extra = (
         "--config.train.num_steps=40",

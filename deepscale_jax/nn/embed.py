@@ -71,8 +71,10 @@ class TokenEmbed(nn.Module):
         return unit_rows(self.embedding) if self.fix_norm else self.embedding
 
     def attend(self, h: jax.Array) -> jax.Array:
-        """Tied output logits h E^T (h w_hat^T with fix_norm), in float32."""
-        return jnp.einsum("...d,vd->...v", h.astype(jnp.float32), self.output_matrix())
+        """Tied output logits h E^T (h w_hat^T with fix_norm), in float32: the matmul runs in
+        h's dtype (bf16 on the fast path of a bf16 model) and accumulates in float32."""
+        matrix = self.output_matrix().astype(h.dtype)
+        return jnp.einsum("...d,vd->...v", h, matrix, preferred_element_type=jnp.float32)
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:

@@ -54,6 +54,7 @@ def _main(*args):
     )
 
 
+@pytest.mark.slow  # ~15 s CLI run; option parsing is tested in-process above
 def test_cli_trains_dslm_with_an_option_override(data_dir, tmp_path):
     result = _main(
         "--config=configs/lm.py:smoke,scheme=dslm",
