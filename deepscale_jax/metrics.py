@@ -170,10 +170,23 @@ class IntervalMeter:
     def restart_clock(self) -> None:
         self._start = time.perf_counter()
 
-    def flush(self) -> tuple[dict[str, float], LayerNormStats | None]:
-        """(the interval's scalars, its per-layer norm statistics or None); resets."""
-        sums, peak = jax.device_get((self._sums, self._max))
-        applied = self._steps - float(sums.pop("train/skipped", 0.0))
+    def detach(self, extra: Any = None) -> PendingInterval:
+        """Ends the interval: its device values (and `extra`, device arrays to fetch with them)
+        start copying to the host and the meter starts the next interval; the returned handle's
+        `result()` waits for the copy. Taken at a log step and resolved after the next step is
+        dispatched, the host never idles the device."""
+        pending = PendingInterval(self, self._sums, self._max, self._steps, self._start, extra)
+        self._sums, self._max, self._steps = None, None, 0
+        return pending
+
+    def flush(self, extra: Any = None) -> tuple[dict[str, float], LayerNormStats | None, Any]:
+        """`detach(extra).result()`: the interval's scalars, per-layer norm statistics (or
+        None) and `extra` on the host."""
+        return self.detach(extra).result()
+
+    def _scalars(self, sums: dict, steps: int, elapsed: float) -> tuple[dict, dict, float]:
+        """(scalars, per-layer vectors, applied steps) of one interval's host sums."""
+        applied = steps - float(sums.pop("train/skipped", 0.0))
         vectors = {
             k[len(LAYER_NORMS) :]: sums.pop(k) for k in list(sums) if k.startswith(LAYER_NORMS)
         }
@@ -182,9 +195,8 @@ class IntervalMeter:
             if name in self.APPLIED_MEANS:
                 scalars[name] = float(total) / applied if applied else float("nan")
             else:
-                scalars[name] = float(total) / self._steps
-        elapsed = time.perf_counter() - self._start
-        step_seconds = elapsed / self._steps
+                scalars[name] = float(total) / steps
+        step_seconds = elapsed / steps
         scalars[f"perf/{self.unit}_per_sec"] = self.units_per_step / step_seconds
         scalars["perf/step_seconds"] = step_seconds
         if self.flops_per_step and self.peak_flops_per_device:
@@ -196,11 +208,29 @@ class IntervalMeter:
                     self.peak_flops_per_device,
                 )
             )
+        return scalars, vectors, applied
+
+
+class PendingInterval:
+    """A detached interval of an `IntervalMeter` whose values are on their way to the host."""
+
+    def __init__(self, meter: IntervalMeter, sums, peak, steps: int, start: float, extra) -> None:
+        self._meter, self._steps, self._start = meter, steps, start
+        self._values = (sums, peak, extra)
+        for leaf in jax.tree.leaves(self._values):
+            if isinstance(leaf, jax.Array):
+                leaf.copy_to_host_async()
+
+    def result(self) -> tuple[dict[str, float], LayerNormStats | None, Any]:
+        """Waits for the interval's last step; (scalars, per-layer statistics or None, extra).
+        The interval's clock stops here and the meter's next interval starts timing."""
+        sums, peak, extra = jax.device_get(self._values)
+        elapsed = time.perf_counter() - self._start
+        self._meter.restart_clock()
+        scalars, vectors, applied = self._meter._scalars(dict(sums), self._steps, elapsed)
         stats = None
         if peak is not None:
             mean = {k: v / max(applied, 1.0) for k, v in vectors.items()}
             at_max = {k[len(LAYER_NORMS) :]: v for k, v in peak[1].items()}
             stats = LayerNormStats(float(peak[0]), at_max, mean)
-        self._sums, self._max, self._steps = None, None, 0
-        self.restart_clock()
-        return scalars, stats
+        return scalars, stats, extra

@@ -5,9 +5,11 @@ What is task-specific (model, batches, loss, eval metrics) comes from the task r
 
 Parameters are created already sharded (`jax.eval_shape`, then `jit(init, out_shardings=...)`);
 the train step is jitted with explicit in/out shardings and a donated state; one root key, and
-`fold_in(rng, step)` gives each step its dropout key. Metrics are fetched from the device only at
-log steps. A rerun with the same workdir resumes from the latest checkpoint (params, optimizer
-state, step, rng and the data iterator's position).
+`fold_in(rng, step)` gives each step its dropout key. Per-step metrics are summed on the device;
+at a log step their copy to the host starts and is read after the next step is dispatched, so
+the host never idles the device (eval and checkpoint steps wait). A rerun with the same workdir
+resumes from the latest checkpoint (params, optimizer state, step, rng and the data iterator's
+position).
 
 Reliability (README "Reliability"):
 - Divergence guard: a step whose loss or any gradient is non-finite is skipped inside the jitted
@@ -53,7 +55,13 @@ from deepscale_jax.checkpoint import (
     checkpoint_metadata,
     remove_unfinished_checkpoints,
 )
-from deepscale_jax.metrics import LAYER_NORMS, IntervalMeter, MetricWriter, truncate_metrics
+from deepscale_jax.metrics import (
+    LAYER_NORMS,
+    IntervalMeter,
+    MetricWriter,
+    PendingInterval,
+    truncate_metrics,
+)
 from deepscale_jax.optim import make_optimizer, make_schedule
 from deepscale_jax.preemption import Preemption
 from deepscale_jax.spikes import SpikeDetector, layer_grad_norms
@@ -281,6 +289,16 @@ def _diverged(step: int, bad_steps: int, max_bad_steps: int, ckpt: Checkpointer)
     )
 
 
+@jax.jit
+def _copy_counters(bad_steps: jax.Array, skipped_steps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return bad_steps + 0, skipped_steps + 0
+
+
+def step_counters(state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """Copies of (bad_steps, skipped_steps) that outlive `state` (donated to the next step)."""
+    return _copy_counters(state.bad_steps, state.skipped_steps)
+
+
 def train_loop(
     config: ml_collections.ConfigDict,
     task: Task,
@@ -295,9 +313,10 @@ def train_loop(
     preemption: Preemption | None = None,
 ) -> tuple[dict[str, float], int | None]:
     """Steps start+1 .. train.num_steps with logging, evaluation and checkpoints; returns (the
-    last value of every metric, the step the run stopped at on a preemption or None). The host
-    syncs only at log, eval and checkpoint steps (where it also reads the skipped-step
-    counters).
+    last value of every metric, the step the run stopped at on a preemption or None). A log
+    step's metrics and skipped-step counters are reported once the next step is dispatched (a
+    streak that reached `train.max_bad_steps` is then raised one step later, the state being
+    frozen); eval and checkpoint steps read them at once.
 
     On a preemption (`preemption.reached(step)` before the last step) the step is logged and
     checkpointed (not evaluated) and the loop returns once the save is complete; no checkpoint is
@@ -328,10 +347,45 @@ def train_loop(
         spikes = SpikeDetector(spike_factor) if spike_factor else None
         interval_start = start + 1
         speed = f"perf/{task.unit}_per_sec"
+
+        def report(step: int, interval: PendingInterval) -> int:
+            """Writes the interval ending at `step`; returns the streak of skipped steps."""
+            nonlocal interval_start
+            scalars, layer_stats, (bad_steps, skipped_steps) = interval.result()
+            scalars["train/skipped_steps"] = int(skipped_steps)
+            if spikes is not None and layer_stats is not None:
+                spike = spikes.update(
+                    interval_start,
+                    step,
+                    scalars["train/loss"],
+                    layer_stats.loss_max,
+                    layer_stats.at_max,
+                    layer_stats.mean,
+                )
+                if spike is not None:
+                    say(f"step {step}: {spike.message()}")
+                    logging.warning("%s", spike.message())
+                    scalars.update(spike.metrics())
+            interval_start = step + 1
+            writer.write(step, scalars)
+            final.update(scalars)
+            progress.set_postfix(
+                loss=f"{scalars['train/loss']:.3f}",
+                **{SPEED_LABELS.get(task.unit, "it_s"): f"{scalars[speed]:.0f}"},
+                mfu=f"{scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "n/a",
+            )
+            return int(bad_steps)
+
+        pending: tuple[int, PendingInterval] | None = None  # a log step's metrics in flight
         for step in range(start + 1, num_steps + 1):
             if step > start + 1:
                 batch = to_global(next(train_iter), batch_sharding)
             state, metrics = compiled(state, batch)
+            if pending is not None:  # fetched while this step runs
+                bad_steps = report(*pending)
+                if bad_steps >= max_bad_steps:
+                    raise _diverged(pending[0], bad_steps, max_bad_steps, ckpt)
+                pending = None
             meter.add(metrics)
             progress.update(1)
             stop = preemption is not None and preemption.reached(step) and step < num_steps
@@ -342,33 +396,13 @@ def train_loop(
             save = stop or ckpt.should_save(step, num_steps)
             if not (log or evaluate_now or save):
                 continue
-            bad_steps, skipped_steps = (
-                int(x) for x in jax.device_get((state.bad_steps, state.skipped_steps))
-            )
+            if log and not (evaluate_now or save):  # report after the next step's dispatch
+                pending = (step, meter.detach(step_counters(state)))
+                continue
             if log:
-                scalars, layer_stats = meter.flush()
-                scalars["train/skipped_steps"] = skipped_steps
-                if spikes is not None and layer_stats is not None:
-                    spike = spikes.update(
-                        interval_start,
-                        step,
-                        scalars["train/loss"],
-                        layer_stats.loss_max,
-                        layer_stats.at_max,
-                        layer_stats.mean,
-                    )
-                    if spike is not None:
-                        say(f"step {step}: {spike.message()}")
-                        logging.warning("%s", spike.message())
-                        scalars.update(spike.metrics())
-                interval_start = step + 1
-                writer.write(step, scalars)
-                final.update(scalars)
-                progress.set_postfix(
-                    loss=f"{scalars['train/loss']:.3f}",
-                    **{SPEED_LABELS.get(task.unit, "it_s"): f"{scalars[speed]:.0f}"},
-                    mfu=f"{scalars['perf/mfu']:.1%}",
-                )
+                bad_steps = report(step, meter.detach(step_counters(state)))
+            else:
+                bad_steps = int(jax.device_get(state.bad_steps))
             if bad_steps >= max_bad_steps:
                 raise _diverged(step, bad_steps, max_bad_steps, ckpt)
             if evaluate_now:
