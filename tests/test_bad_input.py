@@ -199,6 +199,34 @@ def test_truncated_or_undecodable_play_names_the_file(tmp_path):
         shakespeare.read_play(shakespeare.PlayFile("unknown-play", "comedy", binary))
 
 
+def test_truncated_or_altered_digits_are_named(monkeypatch):
+    """scikit-learn's digits: a file that fails to decode, or decodes to other data."""
+    from deepscale_jax.data import images
+
+    digits = images._digits()[0][..., 0]
+    labels = images._digits()[1]
+    images.check_digits(digits, labels, "digits.csv.gz")  # the real data passes
+    with pytest.raises(CorruptDataError, match=r"digits.csv.gz is corrupted or truncated: .*1000"):
+        images.check_digits(digits[:1000], labels[:1000], "digits.csv.gz")
+    altered = digits.copy()
+    altered[5, 3, 3] += 1
+    with pytest.raises(CorruptDataError, match="scikit-learn==1.9.1"):
+        images.check_digits(altered, labels, "digits.csv.gz")
+
+    import sklearn.datasets
+
+    def truncated_gzip():
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    images._digits.cache_clear()
+    monkeypatch.setattr(sklearn.datasets, "load_digits", truncated_gzip)
+    try:
+        with pytest.raises(CorruptDataError, match=r"digits.csv.gz cannot be read \(EOFError"):
+            images._digits()
+    finally:
+        images._digits.cache_clear()
+
+
 def test_missing_play_files_are_named(monkeypatch):
     plays = shakespeare.find_plays()
     monkeypatch.setattr(shakespeare, "PLAY_SHA256", {**shakespeare.PLAY_SHA256, "cardenio": "0"})

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +44,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from deepscale_jax.data import pipeline
+from deepscale_jax.data import pipeline, sources
+from deepscale_jax.data.sources import CorruptDataError
 from deepscale_jax.validation import check_choice
 
 DIGITS_SPLIT_SEED = 0
@@ -62,12 +65,42 @@ class ArraySource(Sequence):
         return {"image": self.images[index], "label": self.labels[index]}
 
 
+#: SHA-256 (first 16 hex digits) of the digits' uint8 images then int32 labels, scikit-learn 1.9.1.
+DIGITS_SHA256 = "fe61bc84cd6a594d"
+DIGITS_REINSTALL = "reinstall it: pip install --force-reinstall scikit-learn==1.9.1"
+
+
+def check_digits(images: np.ndarray, labels: np.ndarray, path: str) -> None:
+    """Raises CorruptDataError unless (images, labels) are the 1,797 8x8 digits (values 0..16,
+    labels 0..9) that scikit-learn ships in `path`, byte for byte (DIGITS_SHA256)."""
+    digest = hashlib.sha256(
+        images.astype(np.uint8).tobytes() + labels.astype(np.int32).tobytes()
+    ).hexdigest()[:16]
+    if images.shape != (1797, 8, 8) or digest != DIGITS_SHA256:
+        raise CorruptDataError(
+            f"{path} is corrupted or truncated: it decodes to {len(images)} images of shape "
+            f"{images.shape[1:]} with SHA-256 {digest}..., expected 1797 of (8, 8) with "
+            f"{DIGITS_SHA256}...; {DIGITS_REINSTALL}"
+        )
+
+
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8, 1) uint8 0..16, labels, the split permutation), checked."""
+    from importlib import resources
+
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = digits.images.astype(np.uint8)[..., None]  # (1797, 8, 8, 1), values 0..16
+    path = str(resources.files("sklearn.datasets") / "data" / "digits.csv.gz")
+    try:
+        digits = load_digits()
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise CorruptDataError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the file is "
+            f"corrupted or truncated; {DIGITS_REINSTALL}"
+        ) from err
+    check_digits(digits.images, digits.target, path)
+    images = digits.images.astype(np.uint8)[..., None]
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images))
     return images, digits.target.astype(np.int32), order
 
@@ -87,8 +120,6 @@ def digits_source(split: str, data_dir: str | None = None) -> ArraySource:
 
 
 def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[Mapping[str, Any]]:
-    from deepscale_jax.data import sources  # imports TFDS: only for the TFDS data sets
-
     build = f"tfds build {name} --file_format=array_record --data_dir=DIR"
     return sources.open_tfds_source(
         name,

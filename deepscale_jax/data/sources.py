@@ -13,8 +13,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import tensorflow_datasets as tfds
-
 #: Errors of `tfds.data_source` for a data set that is not prepared under the data dir.
 NOT_PREPARED = (AssertionError, FileNotFoundError, NotImplementedError, KeyError)
 #: ArrayRecord's complaint about a split selection without records ('train[:0]').
@@ -73,6 +71,8 @@ def open_tfds_source(
       CorruptDataError: if its metadata cannot be read, or (when a record is read) if its files
         are corrupted or truncated.
     """
+    import tensorflow_datasets as tfds  # here: CorruptDataError is imported without TFDS
+
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except NOT_PREPARED as err:
