@@ -1,5 +1,7 @@
 """Scanned == unrolled, remat == no remat."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -89,3 +91,37 @@ def test_layout_converters_round_trip():
     back = stack_layers(unrolled)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def while_bodies(hlo: str) -> list[str]:
+    """The text of every while-loop body computation in an optimized HLO module."""
+    names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    bodies = []
+    for block in hlo.split("\n\n"):
+        header = block.lstrip().split(" ", 1)[0].lstrip("%")
+        if header in names:
+            bodies.append(block)
+    return bodies
+
+
+def test_scan_adds_no_per_layer_copies_or_rng_to_the_gradient():
+    """Guards "scan costs nothing" (benchmarks/README.md, Scan vs unrolled): in the compiled
+    forward + backward of a scanned stack, the per-layer residuals and the stacked weight
+    gradients are written in place (no copy of an (N, ...) buffer inside a loop body), and
+    nothing random runs at dropout 0 even with a dropout rng and deterministic=False."""
+    num_layers = 5  # a leading dim no other array of this model has
+    toks = tokens()
+    model = tiny_lm(num_layers=num_layers)
+    params = init_params(model, toks)
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+
+    def loss(p):
+        return jax.numpy.mean(model.apply({"params": p}, toks, deterministic=False, rngs=rngs))
+
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+    bodies = while_bodies(hlo)
+    assert len(bodies) >= 2  # the forward and the backward scan
+    stacked_copy = re.compile(rf"= \w+\[{num_layers},[\d,]*\]\S* copy\(")
+    for body in bodies:
+        assert not stacked_copy.search(body), stacked_copy.search(body).group(0)
+    assert not re.search(r" (rng|rng-bit-generator|rng-get-and-update-state)\(|threefry", hlo)
