@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/lm
 CONFIG ?= configs/lm.py
+# pytest-xdist workers: XLA compiles on one core, so 2 workers keep both of a 2-core machine busy.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-all lint format clean
 
@@ -21,10 +23,10 @@ run: $(STAMP)
 	$(PY) -m deepscale_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "slow or not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
