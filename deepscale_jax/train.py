@@ -20,8 +20,9 @@ Reliability (README "Reliability"):
   `train/skipped_steps`). When the streak reaches `train.max_bad_steps` the state freezes (no
   later step updates it or resets the streak) and the host raises a RuntimeError at the first
   log, eval or checkpoint step at or after that step (the counters are read only there, next to
-  the metrics fetch). No checkpoint is saved while a streak is under way, so the latest
-  checkpoint is always a good state; the error names it.
+  the metrics fetch; a log-only step is reported after the next step's dispatch). No checkpoint
+  is saved while a streak is under way, so the latest checkpoint is always a good state; the
+  error names it.
 - Preemption: SIGTERM (single-process runs; multi-process runs use orbax's preemption sync
   point) lets the current step finish, saves a checkpoint of it, waits for the save and returns
   normally; rerunning the same command resumes.
