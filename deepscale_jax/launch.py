@@ -12,7 +12,7 @@ is tested without a cluster (tests/test_multiprocess.py); on a TPU pod or a SLUR
 `deepscale_jax.main --distributed` on every host instead (README "Multi-process runs").
 
 Process 0 writes to this terminal; process i > 0 writes to `<log_dir>/process_<i>.log` (a
-temporary directory unless `--log_dir` is given). If any process fails, the others are stopped
+temporary directory unless `--log_dir` is given). If any process fails, the others are killed
 and the launcher exits with the failed process's exit code after printing the tail of its log.
 SIGTERM or SIGINT to the launcher is passed on to every process as SIGTERM (the run saves a
 checkpoint at a step all processes agree on and exits 0 when JAX's preemption service is on).
@@ -148,7 +148,8 @@ def launch(
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
             if failed and forwarded["signal"] is None:
                 index = failed[0]
-                _stop(procs)
+                # SIGKILL: a SIGTERM would start a preemption save that waits for the dead peer.
+                _stop(procs, signal.SIGKILL)
                 where = os.path.join(log_dir, f"process_{index}.log")
                 detail = f"; last lines of {where}:\n{_tail(where)}" if index else ""
                 print(f"process {index} exited with {codes[index]}{detail}", file=sys.stderr)
