@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,21 +30,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from deepscale_jax.nn.stack import unstack_layers
-
-SCANNED_KEY = "layers"
-UNROLLED_KEY = re.compile(r"^layer_(\d+)$")
+from deepscale_jax.nn.stack import SCANNED_LAYERS, UNROLLED_LAYER, unstack_layers
 
 
 def is_scanned_stack(node: Any) -> bool:
-    return isinstance(node, Mapping) and set(node) == {SCANNED_KEY}
+    return isinstance(node, Mapping) and set(node) == {SCANNED_LAYERS}
 
 
 def is_unrolled_stack(node: Any) -> bool:
     return (
         isinstance(node, Mapping)
         and bool(node)
-        and all(isinstance(k, str) and UNROLLED_KEY.match(k) for k in node)
+        and all(isinstance(k, str) and UNROLLED_LAYER.fullmatch(k) for k in node)
     )
 
 
@@ -73,17 +69,17 @@ def unstack(stack: Mapping, path: str) -> dict:
     if len(depths) != 1 or None in depths:
         raise ValueError(f"{path}/layers: leaves disagree on the layer axis (sizes {depths})")
     (depth,) = depths
-    layers = unstack_layers({SCANNED_KEY: _map(np.asarray, stack[SCANNED_KEY])}, depth)
+    layers = unstack_layers({SCANNED_LAYERS: _map(np.asarray, stack[SCANNED_LAYERS])}, depth)
     return {name: _map(np.ascontiguousarray, layer) for name, layer in layers.items()}
 
 
 def stack(stack: Mapping, path: str) -> dict:
     """{"layer_000": ..., "layer_001": ...} -> {"layers": leaves stacked on a new axis 0}."""
-    by_index = {int(UNROLLED_KEY.match(k).group(1)): k for k in stack}
+    by_index = {int(UNROLLED_LAYER.fullmatch(k).group(1)): k for k in stack}
     if sorted(by_index) != list(range(len(by_index))):
         raise ValueError(f"{path}: layers {sorted(by_index)} are not numbered 0..N-1")
     layers = [stack[by_index[i]] for i in range(len(by_index))]
-    return {SCANNED_KEY: _map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
+    return {SCANNED_LAYERS: _map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
 
 
 def convert_tree(tree: Any, scan_layers: bool, path: str = "") -> tuple[Any, list[str]]:

@@ -19,15 +19,14 @@ acts on non-finite steps. With `spike_factor = 0` (the default) nothing is compu
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCANNED_LAYERS = "layers"  # nn/stack.py: the scanned stack's module, params with a layer axis
-UNROLLED_LAYER = re.compile(r"layer_(\d+)")  # nn/stack.py: unrolled layer modules
+from deepscale_jax.nn.stack import SCANNED_LAYERS, UNROLLED_LAYER
+
 EMA_DECAY = 0.9  # weight of the history in the moving averages, per log interval
 
 

@@ -6,12 +6,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import ROOT, cli_env
 
 
 def _main(*args, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
-    env.pop("XLA_FLAGS", None)
+    env = {**cli_env(), **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "deepscale_jax.main", *args],
         cwd=ROOT,

@@ -19,11 +19,23 @@ Rematerialisation (`model.remat_policy`) wraps each layer in `nn.remat` with a n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# Module names of the layers, hence parameter-tree keys (read by the converter and spike
+# detection): the scanned stack is one module whose leaves carry a leading layer axis;
+# unrolled layer i is `unrolled_layer_name(i)`.
+SCANNED_LAYERS = "layers"
+UNROLLED_LAYER = re.compile(r"layer_(\d+)")
+
+
+def unrolled_layer_name(index: int) -> str:
+    return f"layer_{index:03d}"
+
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -79,13 +91,13 @@ class LayerStack(nn.Module):
                 split_rngs={"params": False, "dropout": True},
                 in_axes=(0, 0) + (nn.broadcast,) * len(broadcast_args),
                 length=self.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
+                metadata_params={nn.PARTITION_NAME: "layers"},  # the logical axis (sharding.py)
             )
-            layer = scanned(**self._layer_kwargs(), name="layers")
+            layer = scanned(**self._layer_kwargs(), name=SCANNED_LAYERS)
             x, _ = layer(x, indices, keys, *broadcast_args)
             return x
         for i in range(self.num_layers):
-            layer = layer_cls(**self._layer_kwargs(), name=f"layer_{i:03d}")
+            layer = layer_cls(**self._layer_kwargs(), name=unrolled_layer_name(i))
             x, _ = layer(x, indices[i], keys[i], *broadcast_args)
         return x
 
@@ -95,14 +107,18 @@ class LayerStack(nn.Module):
 
 def unstack_layers(stack_params: dict, num_layers: int) -> dict:
     """A scanned stack's params {"layers": leaves (N, ...)} -> unrolled {"layer_000": ..., ...}."""
-    stacked = stack_params["layers"]
-    return {f"layer_{i:03d}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)}
+    stacked = stack_params[SCANNED_LAYERS]
+    return {
+        unrolled_layer_name(i): jax.tree.map(lambda a, i=i: a[i], stacked)
+        for i in range(num_layers)
+    }
 
 
 def stack_layers(unrolled_params: dict) -> dict:
     """The inverse of `unstack_layers`: {"layer_000": ..., ...} -> {"layers": leaves (N, ...)}."""
     names = sorted(unrolled_params)
-    return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(unrolled_params[n] for n in names))}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(unrolled_params[n] for n in names))
+    return {SCANNED_LAYERS: stacked}
 
 
 def per_layer_params(stack_params: dict, num_layers: int) -> list[dict]:
