@@ -27,9 +27,10 @@ off). A depth sweep also fits step time = a + b * layers (least squares) and rep
     python -m benchmarks.train_step --config ... --baseline --guard --breakdown
 
 Sweeps (--sweep): depth (--depths), remat (--remats: none, full, dots, dots_no_batch,
-sublayer_outputs), scan (scanned vs unrolled), dtype (float32; bfloat16 compute with float32
-params), batch (--batches). Rows that cannot run here (e.g. attention_impl=cudnn off an NVIDIA
-GPU, a task whose data is missing) are reported as skipped with the reason.
+sublayer_outputs), scan (scanned vs unrolled), qkv (separate vs fused QKV projection), dtype
+(float32; bfloat16 compute with float32 params), batch (--batches). Rows that cannot run here
+(e.g. attention_impl=cudnn off an NVIDIA GPU, a task whose data is missing) are reported as
+skipped with the reason.
 Extras for the first row's config: --baseline times a plain unrolled Flax LM of the same shape
 written inline (nn.Embed, nn.MultiHeadDotProductAttention, nn.LayerNorm, nn.Dense; AdamW);
 --guard times the divergence guard's `tree.map(jnp.where)` over a state-sized tree alone;
@@ -168,6 +169,7 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
 def measure_row(spec: str, overrides: list[str], args) -> dict:
     """Times the real jitted train step of the config `spec` + `overrides`."""
     from deepscale_jax import flops, sharding, train
+    from deepscale_jax.data.device_feed import to_global
     from deepscale_jax.optim import make_optimizer, make_schedule
     from deepscale_jax.tasks import build_task
     from deepscale_jax.validation import validate_config
@@ -188,9 +190,7 @@ def measure_row(spec: str, overrides: list[str], args) -> dict:
         task, tx, schedule, shardings, batch_sharding, config.train.max_bad_steps
     )
     rng = np.random.default_rng(0)
-    batches = [
-        train.to_global(synthetic_batch(task, config, rng), batch_sharding) for _ in range(2)
-    ]
+    batches = [to_global(synthetic_batch(task, config, rng), batch_sharding) for _ in range(2)]
     start = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
@@ -224,6 +224,7 @@ def measure_row(spec: str, overrides: list[str], args) -> dict:
         "batch": config.train.batch_size,
         "seq_len": config.train.get("seq_len"),
         "scan": model_config.scan_layers,
+        "fused_qkv": model_config.fused_qkv,
         "remat": model_config.remat_policy,
         "dtype": dtype,
         "devices": n,
@@ -403,6 +404,7 @@ def sweep_rows(args) -> list[list[str]]:
         "depth": [f"layers={n}" for n in args.depths.split(",")],
         "remat": [f"remat={r}" for r in args.remats.split(",")],
         "scan": ["scan=true", "scan=false"],
+        "qkv": ["model.fused_qkv=false", "model.fused_qkv=true"],
         "dtype": [f"model.dtype={d}" for d in args.dtypes.split(",")],
         "batch": [f"batch={b}" for b in args.batches.split(",")],
     }[args.sweep]
@@ -430,6 +432,7 @@ COLUMNS = (
     ("layers", "layers", "d"),
     ("remat", "remat", "s"),
     ("scan", "scan", ""),
+    ("fused qkv", "fused_qkv", ""),
     ("dtype", "dtype", "s"),
     ("batch", "batch", "d"),
     ("step s", "step_s", ".3f"),
@@ -478,7 +481,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-SWEEPS = ("depth", "remat", "scan", "dtype", "batch")
+SWEEPS = ("depth", "remat", "scan", "qkv", "dtype", "batch")
 
 
 def main() -> None:

@@ -80,6 +80,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
             # exceeds this multiple of the loss's moving average (deepscale_jax/spikes.py);
             # 0 = off (no per-layer norms computed).
             "spike_factor": 0.0,
+            # Batches placed on the devices ahead of the step that takes them
+            # (deepscale_jax/data/device_feed.py); 0 = transfer each batch when it is taken.
+            "prefetch_batches": 2,
         }
     )
     config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})

@@ -69,6 +69,7 @@ MUST_MATCH_MODEL_FIELDS: tuple[str, ...] = (
     "memory_mode",
     "fix_norm",
     "activation",
+    "fused_qkv",
     "scan_layers",
 )
 

@@ -33,6 +33,7 @@ _BOOL_FIELDS = (
     "merged_attention",
     "fix_norm",
     "use_ffn",
+    "fused_qkv",
 )
 
 
@@ -51,6 +52,9 @@ class ModelConfig:
     attention's context (Sukhbaatar et al. 2019), and `use_ffn=False` drops the FFN sublayer
     (their all-attention layer); `memory_tokens` = m learned [mem] tokens, `memory_mode`
     "prepend" (MemTransformer) or "bottleneck" (MemBottleneck; Burtsev et al. 2020).
+
+    Speed: `fused_qkv` computes self-attention's Q, K, V with one stacked kernel whose slices are
+    initialised per role (nn/attention.py), the same numbers as separate projections.
     """
 
     vocab_size: int = 256
@@ -81,6 +85,7 @@ class ModelConfig:
     use_ffn: bool = True
     memory_tokens: int = 0
     memory_mode: str = "prepend"
+    fused_qkv: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -44,7 +44,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from tqdm import tqdm
@@ -56,6 +55,7 @@ from deepscale_jax.checkpoint import (
     checkpoint_metadata,
     remove_unfinished_checkpoints,
 )
+from deepscale_jax.data.device_feed import DeviceFeed, to_global
 from deepscale_jax.metrics import (
     LAYER_NORMS,
     IntervalMeter,
@@ -213,14 +213,6 @@ def jit_eval_step(
     )
 
 
-def to_global(batch: dict, batch_sharding: jax.sharding.NamedSharding) -> dict:
-    """This process's rows -> one global array per field, sharded over the batch axes."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-        for k, v in batch.items()
-    }
-
-
 def evaluate(
     task: Task, eval_step: Callable, params: Any, batch_sharding: Any, max_batches: int
 ) -> dict[str, float]:
@@ -306,7 +298,7 @@ def train_loop(
     state: TrainState,
     train_step: Callable,
     eval_step: Callable,
-    train_iter: Any,
+    feed: DeviceFeed,
     batch_sharding: jax.sharding.NamedSharding,
     ckpt: Checkpointer,
     writer: MetricWriter,
@@ -339,7 +331,7 @@ def train_loop(
     final: dict[str, float] = {}
     try:
         t_compile = time.perf_counter()
-        batch = to_global(next(train_iter), batch_sharding)
+        batch = next(feed)
         compiled = train_step.lower(state, batch).compile()
         compile_seconds = time.perf_counter() - t_compile
         writer.write(start, {"perf/compile_seconds": compile_seconds})
@@ -380,7 +372,7 @@ def train_loop(
         pending: tuple[int, PendingInterval] | None = None  # a log step's metrics in flight
         for step in range(start + 1, num_steps + 1):
             if step > start + 1:
-                batch = to_global(next(train_iter), batch_sharding)
+                batch = next(feed)
             state, metrics = compiled(state, batch)
             if pending is not None:  # fetched while this step runs
                 bad_steps = report(*pending)
@@ -420,7 +412,7 @@ def train_loop(
                     "skipped for a non-finite loss or gradient"
                 )
             elif save:
-                ckpt.save(step, state, train_iter.get_state())
+                ckpt.save(step, state, feed.get_state())
             if stop:
                 ckpt.wait()
                 return final, step
@@ -468,7 +460,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, state_shardings = create_train_state(
         task.model, tx, mesh, rules, config.train.seed, task.init_inputs()
     )
-    train_iter = task.iterator("train", training=True)
+    feed = DeviceFeed(
+        task.iterator("train", training=True), batch_sharding, config.train.prefetch_batches
+    )
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if distributed.is_main_process():
@@ -485,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start is not None:
         state, data_state = restore_train_state(ckpt, start, state, state_shardings)
         if data_state is not None:
-            train_iter.set_state(data_state)
+            feed.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
         distributed.announce(f"Resuming from checkpoint at step {start} in {ckpt.directory}")
     start = start or 0
@@ -522,7 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     state,
                     train_step,
                     eval_step,
-                    train_iter,
+                    feed,
                     batch_sharding,
                     ckpt,
                     writer,

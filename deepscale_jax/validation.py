@@ -113,6 +113,7 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
     if "seq_len" in train:  # the image task has none; text tasks check it against max_len
         check_int(train.seq_len, "train.seq_len")
     check_int(train.get("seed"), "train.seed", minimum=0)
+    check_int(train.get("prefetch_batches", 0), "train.prefetch_batches", minimum=0)
     spike_factor = train.get("spike_factor", 0.0)
     if not (spike_factor == 0 or check_number(spike_factor, "train.spike_factor") > 1):
         raise ValueError(

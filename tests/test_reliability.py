@@ -16,6 +16,7 @@ from configs import lm
 from deepscale_jax import sharding
 from deepscale_jax import train as train_lib
 from deepscale_jax.checkpoint import Checkpointer, abstract_state
+from deepscale_jax.data.device_feed import to_global
 from deepscale_jax.metrics import read_metrics
 from deepscale_jax.optim import make_optimizer, make_schedule
 from deepscale_jax.tasks import build_task
@@ -23,7 +24,6 @@ from deepscale_jax.train import (
     TrainingDiverged,
     create_train_state,
     jit_train_step,
-    to_global,
     train_and_evaluate,
 )
 from deepscale_jax.validation import validate_config

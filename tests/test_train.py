@@ -10,10 +10,11 @@ import pytest
 
 from configs import lm, mlm, seq2seq, vit
 from deepscale_jax import sharding
+from deepscale_jax.data.device_feed import to_global
 from deepscale_jax.metrics import read_metrics
 from deepscale_jax.optim import make_optimizer, make_schedule
 from deepscale_jax.tasks import build_task
-from deepscale_jax.train import create_train_state, jit_train_step, to_global, train_and_evaluate
+from deepscale_jax.train import create_train_state, jit_train_step, train_and_evaluate
 from deepscale_jax.validation import validate_config
 
 

@@ -42,6 +42,7 @@ from deepscale_jax.nn.memory import PersistentMemory, append_memory, with_memory
 
 __all__ = [
     "CROSS_ROLES",
+    "FUSED_QKV",
     "SELF_ROLES",
     "MaskSpec",
     "MultiHeadAttention",
@@ -74,6 +75,7 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 
 
 SELF_ROLES = ("q", "k", "v", "attn_out")
+FUSED_QKV = "qkv"  # the parameter name of the fused self-attention projection
 CROSS_ROLES = ("cross_q", "cross_k", "cross_v", "cross_out")
 
 
@@ -110,6 +112,11 @@ class MultiHeadAttention(nn.Module):
 
     `persistent_memory` = N > 0 joins N learned key/value slots per head to the keys and values
     of self-attention, visible to every query (nn/memory.py; Sukhbaatar et al. 2019).
+
+    `fused_qkv=True` computes self-attention's Q, K and V with one matmul against a stacked
+    (d, 3, H, D) kernel named `FUSED_QKV`, each slice initialised as its role
+    (`_fused_projection`). Attention to a `context` (cross-attention, MAtt, memory reads) keeps
+    separate projections: its queries and keys/values read different inputs.
     """
 
     num_heads: int
@@ -121,6 +128,7 @@ class MultiHeadAttention(nn.Module):
     merged: bool = False
     decode: bool = False
     persistent_memory: int = 0
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -151,12 +159,17 @@ class MultiHeadAttention(nn.Module):
         if self.merged and context is None:
             raise ValueError("merged attention (MAtt) needs the encoder output as context")
         q_proj, k_proj, v_proj = dense(q_role), dense(k_role), dense(v_role)
-        q = q_proj(x)
+        fused = self.fused_qkv and context is None
+        if fused:
+            q, k, v = self._fused_projection(x, init, head_dim)
+        else:
+            q = q_proj(x)
         cached = self.decode and self.has_variable("cache", "cache_index")
         if self.decode:
             index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if context is None:  # self-attention
-            k, v = k_proj(x), v_proj(x)
+            if not fused:
+                k, v = k_proj(x), v_proj(x)
             if self.decode:
                 k, v, mask = self._self_cache(k, v, cached, index.value, mask)
             if self.persistent_memory:
@@ -199,6 +212,22 @@ class MultiHeadAttention(nn.Module):
             dtype=self.dtype,
             name=out_role,
         )(out)
+
+    def _fused_projection(self, x, init, head_dim):
+        """Q, K and V of self-attention from one (d, 3, H, D) kernel "qkv": one matmul of width
+        3d instead of three of width d. Slice i of the kernel (and bias) is role i's weight,
+        drawn as the separate projection would draw it (`LayerInit.for_roles`), so the scheme's
+        per-role std holds and a fused model starts from the unfused model's numbers."""
+        roles = self.roles[:3]
+        qkv = Dense(
+            (len(roles), self.num_heads, head_dim),
+            init.for_roles(roles, axis=1),
+            ("embed", None, "heads", "kv"),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name=FUSED_QKV,
+        )(x)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def _with_persistent_memory(self, k, v, mask, head_dim):
         """Keys/values [context ; N persistent slots] and the mask with N always-visible

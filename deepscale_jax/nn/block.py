@@ -135,6 +135,7 @@ class DecoderLayer(nn.Module):
                 merged=merged,
                 decode=self.decode,
                 persistent_memory=cfg.persistent_memory if roles == SELF_ROLES else 0,
+                fused_qkv=cfg.fused_qkv,
                 name=name,
             )
 

@@ -75,3 +75,19 @@ class LayerInit:
         if self.key is None:
             return init
         return with_key(init, role_key(self.key, role))
+
+    def for_roles(self, roles: tuple[str, ...], axis: int) -> Initializer:
+        """One kernel holding the weights of several roles along `axis` (a fused projection):
+        slice i is drawn exactly as `for_role(roles[i])` draws the separate weight, so a fused
+        layer starts from the same numbers as the unfused one. Outside a stack (no layer key)
+        slice i uses `role_key` of Flax's key."""
+        inits = [self.for_role(role) for role in roles]
+
+        def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+            if shape[axis] != len(roles):
+                raise ValueError(f"axis {axis} of {shape} should hold the {len(roles)} {roles}")
+            part = shape[:axis] + shape[axis + 1 :]
+            slices = [fn(role_key(key, r), part, dtype) for fn, r in zip(inits, roles, strict=True)]
+            return jnp.stack(slices, axis)
+
+        return init

@@ -51,7 +51,12 @@ def make_model(merged, scan=True, placement="post", scheme="xavier", **overrides
             False,
             True,
             "pre",
-            {"memory_tokens": 2, "memory_mode": "bottleneck", "persistent_memory": 2},
+            {
+                "memory_tokens": 2,
+                "memory_mode": "bottleneck",
+                "persistent_memory": 2,
+                "fused_qkv": True,
+            },
         ),
     ],
 )
@@ -59,7 +64,8 @@ def test_cached_incremental_decoding_equals_full_recompute_at_every_step(
     merged, scan, placement, overrides
 ):
     """KV cache (self + cross) and MAtt's running sum give the teacher-forced logits (also with
-    the encoder's memory tokens and persistent memory slots in every self-attention)."""
+    the encoder's memory tokens, persistent memory slots in every self-attention and the fused
+    QKV projection)."""
     model, params, src, valid, tgt = make_model(merged, scan, placement, **overrides)
     full = jax.jit(model.apply)({"params": params}, src, valid, tgt)
     start = jax.jit(lambda p, s, v: decode._start(model, p, s, v, 3, 8, VOCAB.bos_id)[1:])
