@@ -66,6 +66,9 @@ r <- (r s^2 + mu^2)/(s^2 + mu^2)).
    Approximations: independent paths and heads; the self-key correlation of causal rows is
    ignored (O(d_k/d_in) on short rows); pair functionals interpolate log-linearly in rho. Checked
    against the real modules to a few % for tau <~ 4, d_k >= 16, L >= 16 (attention_sweeps.py).
+   Position-resolved (`_Head.forward_covariance`, `projection_gradients` with `corr`): in a
+   causal stack keys are not exchangeable, the first tokens being less correlated with the
+   rest; `key_tilts` gives their larger mean attention, weight fluctuation and key gradient.
 5. Multi-head block (nn/attention.py): H heads of the map above with d_in = d, d_k = d_head; W_o
    (fan-in H d_head, std sigma_o) multiplies the forward moments by H d_head sigma_o^2 and feeds
    each head the gradient variance d sigma_o^2 s_g^2 with the same r_g; head gradients add. Its
@@ -258,6 +261,42 @@ class _Head:
         v_ij = tau**2 * ((1 + r * r) / self.d_k + 2 * r * r * (1 + a) / self.d_in)
         return (r * tau + v_ij / 2) / (tau + v_ii / 2)
 
+    def pair_overlap(self) -> np.ndarray:
+        """(L, L) E sum_j A_ij A_i'j = K_ii'/n_max for rows i != i' (as in `pairs`), 0 on the
+        diagonal."""
+        f, rho, length = self.f, self.rho, self.length
+        if not self.causal:
+            k = (length * f["M2"][0]) ** rho / length
+            return k * (1.0 - np.eye(length))
+        n = np.arange(1, length + 1, dtype=float)
+        frac = np.triu(n[:, None] / n[None, :], 1)
+        log_k = (1 - frac) * np.log(f["T"])[:, None] + frac * np.log((n * f["M2"]) ** rho)[:, None]
+        upper = np.triu(np.exp(log_k), 1) / n[None, :]
+        return upper + upper.T
+
+    def forward_covariance(self, corr: np.ndarray) -> np.ndarray:
+        """(L, L) covariance of the context A V for input tokens of correlation matrix `corr`.
+
+        Cov(v_k, v_l) = s_v^2 corr_kl, so E c_i c_j = s_v^2 sum_kl E[A_ik A_jl] corr_kl. Split
+        E[A_ik A_jl] into the mean attention (tilted, `key_tilts`) and its fluctuation: the
+        first gives s_v^2 (Abar corr Abar^T)_ij; the second is taken from the exchangeable
+        theory, i.e. `row_variances` (diagonal) and `forward`'s pair term (off it) minus their
+        mean-attention part at uniform correlation r, s_v^2 (r + (1 - r)/n_max):
+            fluct_ii = row_variances_i - s_v^2 (r + (1-r)/n_i),
+            fluct_ij = s_v^2 (1 - r) [K_ij/n_max - 1/n_max + r coh_i coh_j],
+        so a uniform `corr` = r gives back the mean-field moments, while a row whose keys are
+        less correlated (the first tokens) gets the smaller shared part they really have."""
+        r, sv2, length = self.r, self.proj_var(self.sigma_v), self.length
+        n = np.arange(1, length + 1, dtype=float) if self.causal else np.full(length, length)
+        mean_attention = key_tilts(corr, self.logit_scale, self.causal)[0]
+        out = sv2 * mean_attention @ np.asarray(corr, float) @ mean_attention.T
+        n_max = np.maximum(n[:, None], n[None, :])
+        coh = np.sqrt(np.maximum(self.f["Z2"] - self.f["M2"], 0.0) / self.d_in)
+        fluct = self.pair_overlap() - (1.0 - np.eye(length)) / n_max + r * np.outer(coh, coh)
+        np.fill_diagonal(fluct, 0.0)
+        diag = self.row_variances() - sv2 * (r + (1 - r) / n)
+        return out + sv2 * (1 - r) * fluct + np.diag(diag)
+
     @functools.cached_property
     def pairs(self) -> tuple[float, float, float]:
         """sum_{i != i'} of K/n_max, of its centred version, and of the doubly centred one."""
@@ -353,7 +392,9 @@ class _Head:
             return np.full((length, length), 1.0 / length)
         return np.tril(np.ones((length, length))) / np.arange(1, length + 1)[:, None]
 
-    def projection_gradients(self, cov: np.ndarray) -> dict[str, np.ndarray]:
+    def projection_gradients(
+        self, cov: np.ndarray, corr: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Position-resolved gradients of the head's values, queries and keys (per element)
         from the (L, L) token covariance `cov` of the context gradient (any token structure):
         "value" the (L, L) token covariance of dV, "query" and "key" the per-token variances of
@@ -365,6 +406,15 @@ class _Head:
         own gradient, at token i; key path: row i's weight spread over the keys it sees. In a
         causal stack this is what sets the first tokens apart: token 0 is seen by every row,
         and every row's gradient reaches it.
+
+        With `corr`, the (L, L) correlation matrix of the head's input tokens, keys are no longer
+        exchangeable (`key_tilts`): E A = the tilted mean attention, E A_ij^2 = (M2_i/n_i) t2_ij,
+        and the key path's share of row i goes to key j in proportion to E A_ij^2 times the
+        variance of its centred value: dZ_ij = P_ij g_i.(v_j - vbar_i), whose value part has
+        variance s_v^2 C_jj^(i) (the centred correlation of `key_tilts`) where exchangeable keys
+        have s_v^2 (1 - r)(1 - 1/n_i) (the (1 - r) of c_p, the 1 - 1/n_i of the centring in F1).
+        Measured on the 48-layer xavier Pre-LN LM, layer 10: token 0's key-path gradient is ~10x
+        the exchangeable value (C_00^(127) = 0.70 against 1 - r = 0.11).
         """
         f, r, p, d_k, d_in, length = self.f, self.r, self.p, self.d_k, self.d_in, self.length
         sq2, sk2, sv2 = (self.proj_var(s) for s in (self.sigma_q, self.sigma_k, self.sigma_v))
@@ -372,26 +422,85 @@ class _Head:
         c_p = (1 - r + r * p) / (1 - p)
         n = np.arange(1, length + 1) if self.causal else np.full(length, length)
         seen = np.tril(np.ones((length, length))) if self.causal else np.ones((length, length))
-        mean_attention = self.mean_attention
         own = np.diag(cov)
-        value = mean_attention.T @ cov @ mean_attention + np.diag(
-            seen.T @ ((m2 / (1 - p) - 1 / n) / n * own)
-        )
+        if corr is None:
+            mean_attention, second = self.mean_attention, seen * (m2 / n)[:, None]
+        else:
+            mean_attention, tilt2, centred = key_tilts(corr, self.logit_scale, self.causal)
+            second = tilt2 * (m2 / n)[:, None]
+        fluctuation = second / (1 - p) - mean_attention**2
+        value = mean_attention.T @ cov @ mean_attention + np.diag(fluctuation.T @ own)
+        share = second / second.sum(axis=1, keepdims=True)
+        key_pairs = np.zeros(length)
+        if corr is not None:
+            exchangeable = np.maximum((1 - r) * (1 - 1 / n), 1e-12)[:, None]
+            share = share * np.where(n[:, None] > 1, centred / exchangeable, 1.0)
+            weights = mean_attention * np.sqrt(centred)
+            shared = np.asarray(corr, float) * cov
+            np.fill_diagonal(shared, 0.0)
+            key_pairs = sq2 * sv2 * np.einsum("ij,ik,kj->j", weights, shared, weights)
         key_rows = sq2 * sv2 * c_p * f["F1q"] * np.divide(om1, m2)
         query_rows = (sk2 * (1 - r) * sv2 / d_k) * (
             c_p * ((d_k - 1) * f["F1"] * np.divide(om2, m2) + f["F3"])
             + (1 - r) * (d_k / d_in) * f["F2"]
         )
-        return {"value": value, "query": query_rows * own, "key": seen.T @ (key_rows / n * own)}
+        key = share.T @ (key_rows * own) + key_pairs
+        return {"value": value, "query": query_rows * own, "key": key}
 
-    def backward_covariance(self, cov: np.ndarray) -> np.ndarray:
+    @property
+    def logit_scale(self) -> float:
+        """V_z = s_q^2 s_k^2: a logit's variance per unit of (1 - input correlation)."""
+        return self.proj_var(self.sigma_q) * self.proj_var(self.sigma_k)
+
+    def backward_covariance(self, cov: np.ndarray, corr: np.ndarray | None = None) -> np.ndarray:
         """Position-resolved `backward`: the (L, L) token covariance of dLoss/dX through this
         head, dX = W_v dV + W_q dQ + W_k dK (`projection_gradients`)."""
-        grads = self.projection_gradients(cov)
+        grads = self.projection_gradients(cov, corr)
         fan = lambda sigma: self.d_k * sigma**2
         return fan(self.sigma_v) * grads["value"] + np.diag(
             fan(self.sigma_q) * grads["query"] + fan(self.sigma_k) * grads["key"]
         )
+
+
+def key_tilts(
+    corr: np.ndarray, v_z: float, causal: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Mean attention and second-moment tilts of keys that are not exchangeable.
+
+    In a causal stack the first tokens are less correlated with the rest (their attention
+    output is their own value, not an average), so their keys carry more key-specific logit
+    variance: row i's logits z_ij = q_i.k_j / sqrt(d_k) minus their row mean (softmax is blind
+    to it) have variance tau_ij = V_z C_jj^(i), C^(i) the input correlation matrix `corr`
+    centred over the n_i keys row i sees: C_jj^(i) = 1 - 2 mean_k corr_jk + mean_kl corr_kl.
+    Exchangeable keys give the common tau of the module docstring; here the keys differ by
+    Delta_ij = tau_ij - mean_j tau_ij. For a row of many keys the normalizer concentrates,
+    S = sum_k e^(z_k) ~ sum_k e^(tau_ik/2), so (log-normal e^z)
+        E A_ij = t_ij / sum_k t_ik,    t_ij = e^(Delta_ij/2),
+        E A_ij^2 = e^(2 tau_ij) / S^2 = (M2_i/n_i) t2_ij,   t2_ij = e^(2 Delta_ij) / mean_k(t_ik)^2,
+    the second written relative to the exchangeable E A_ij^2 = M2_i/n_i (which keeps the exact
+    short-row functionals; at Delta = 0 both reduce to the exchangeable moments). Measured on
+    the 48-layer xavier Pre-LN LM (layer 10, row 127): n E A_i0 = 3.4 and n E A_i0^2 / M2 ~ 30,
+    the exchangeable values being 1 and 1. Returns (E A, t2, C^(i)_jj) as (L, L) arrays, zero
+    on unseen keys.
+    """
+    corr = np.asarray(corr, float)
+    length = corr.shape[0]
+    n = np.arange(1, length + 1, dtype=float) if causal else np.full(length, float(length))
+    if causal:
+        seen = np.tril(np.ones((length, length)))
+        row_mean = (np.cumsum(corr, axis=1) / n).T  # [i, j] = mean_{k <= i} corr_jk
+        total = np.cumsum(np.cumsum(corr, axis=0), axis=1).diagonal() / n**2
+    else:
+        seen = np.ones((length, length))
+        row_mean = np.tile(corr.mean(axis=1), (length, 1))
+        total = np.full(length, corr.mean())
+    centred = np.maximum(np.diag(corr)[None, :] - 2 * row_mean + total[:, None], 0.0) * seen
+    tau = v_z * centred
+    delta = (tau - tau.sum(axis=1, keepdims=True) / n[:, None]) * seen
+    tilt = np.exp(delta / 2) * seen
+    tilt_mean = tilt.sum(axis=1) / n
+    tilt2 = np.exp(2 * delta) * seen / tilt_mean[:, None] ** 2
+    return tilt / tilt.sum(axis=1, keepdims=True), tilt2, centred
 
 
 def _check(length: int, p: float) -> None:
@@ -508,8 +617,21 @@ def mha_backward(
 def mha_backward_covariance(
     x: Signal, cov: np.ndarray, *, d: int, heads: int, L: int, sigma_q: float, sigma_k: float,
     sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
+    corr: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """(L, L) token covariance of dLoss/dx of `MultiHeadAttention` from that of its output
-    gradient (`_Head.backward_covariance`; W_o^T multiplies it by d sigma_o^2, heads add)."""
+    gradient (`_Head.backward_covariance`; W_o^T multiplies it by d sigma_o^2, heads add);
+    `corr` the input's (L, L) token correlation matrix (`key_tilts`), if known."""
     head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
-    return heads * head.backward_covariance(d * sigma_o**2 * np.asarray(cov, float))
+    return heads * head.backward_covariance(d * sigma_o**2 * np.asarray(cov, float), corr)
+
+
+def mha_forward_covariance(
+    x: Signal, corr: np.ndarray, *, d: int, heads: int, L: int, sigma_q: float,
+    sigma_k: float, sigma_v: float, sigma_o: float, p_attn: float, causal: bool,
+) -> np.ndarray:  # fmt: skip
+    """(L, L) token covariance of the output of `MultiHeadAttention` on input x whose tokens have
+    the correlation matrix `corr` (`_Head.forward_covariance`; W_o and the heads multiply it by
+    H d_head sigma_o^2)."""
+    head = mha_head(x, d, heads, L, sigma_q, sigma_k, sigma_v, p_attn, causal)
+    return heads * head.d_k * sigma_o**2 * head.forward_covariance(corr)

@@ -34,6 +34,7 @@ from deepscale_jax.theory.measure import (
     estimate,
     token_covariance,
 )
+from deepscale_jax.theory.token_correlation import forward_covariance
 from deepscale_jax.theory.weight_gradients import (
     attention_weight_grad_sq,
     cross_tokenwise,
@@ -72,6 +73,7 @@ class Profile:
 Forward = Callable[[Signal], Signal]
 Backward = Callable[[Signal, Grad], Grad]
 CovarianceBackward = Callable[[Signal, np.ndarray], np.ndarray]
+CovarianceMap = Callable[..., np.ndarray]
 
 NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
     "layer_norm": (components.layernorm_forward, components.layernorm_backward),
@@ -121,7 +123,8 @@ class Sublayer:
     lam: float
     beta: float
     placement: str
-    branch_backward_covariance: CovarianceBackward | None = None
+    branch_backward_covariance: CovarianceMap | None = None  # (x, cov, corr) -> cov
+    branch_forward_covariance: CovarianceMap | None = None  # (x, corr) -> cov, token_correlation
     branch_forward_by_row: Callable[[Signal], np.ndarray] | None = None
     branch_weight_grads: Callable[..., float] | None = None
     branch_cross_forward: Callable[[Signal], float] | None = None
@@ -212,18 +215,25 @@ class Sublayer:
         out = self.norm_forward(Signal(0.0, 1.0, 0.0)).var  # per-token norm: unit at any input
         return np.full_like(var, out), merged
 
-    def _branch_covariance(self, x: Signal, cov: np.ndarray) -> np.ndarray:
+    def _branch_covariance(
+        self, x: Signal, cov: np.ndarray, corr: np.ndarray | None = None
+    ) -> np.ndarray:
         if self.branch_backward_covariance is not None:
-            return self.branch_backward_covariance(x, cov)
+            return self.branch_backward_covariance(x, cov, corr)
         return tokenwise(lambda g: self.branch_backward(x, g), cov)
 
     def backward_covariance(
-        self, cache: tuple, cov: np.ndarray, norm_input_var: np.ndarray
+        self,
+        cache: tuple,
+        cov: np.ndarray,
+        norm_input_var: np.ndarray,
+        corr: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`backward` for the (L, L) token covariance of the gradient (per feature): token-wise
         pieces scale its diagonal and off-diagonal by their mean-field variance and covariance
         gains, the attention branch mixes tokens (attention.mha_backward_covariance), and the
         norm divides token i's gradient by its own input std (`norm_input_var`, per token).
+        `corr`: the (L, L) token correlation at the branch input (token_correlation.py).
         Returns (covariance at the sublayer input, covariance at the branch output)."""
 
         norm_backward = self._norm_maps(cache)[1]
@@ -241,12 +251,12 @@ class Sublayer:
         if self.placement == "pre":
             x, h, b = cache
             g_b = dropout(b, cov)
-            g_branch = norm(x, self._branch_covariance(h, g_b))
+            g_branch = norm(x, self._branch_covariance(h, g_b, corr))
             return self.lam**2 * cov + self.beta**2 * g_branch, self.beta**2 * g_b
         x, merged, b = cache
         g_merged = norm(merged, cov)
         g_b = dropout(b, g_merged)
-        g_branch = self._branch_covariance(x, g_b)
+        g_branch = self._branch_covariance(x, g_b, corr)
         return self.lam**2 * g_merged + self.beta**2 * g_branch, self.beta**2 * g_b
 
     def forward_cross(self, cache: tuple, cross: float) -> tuple[float, float]:
@@ -360,8 +370,11 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
             lambda x, g: attention.mha_backward(x, g, **attn_kw),
             **common,
             input_on_sphere=on_sphere and layer > 0,
-            branch_backward_covariance=lambda x, c: attention.mha_backward_covariance(
-                x, c, **attn_kw
+            branch_backward_covariance=lambda x, c, corr: attention.mha_backward_covariance(
+                x, c, corr=corr, **attn_kw
+            ),
+            branch_forward_covariance=lambda x, corr: attention.mha_forward_covariance(
+                x, corr, **attn_kw
             ),
             branch_forward_by_row=lambda x: attention.mha_forward_by_row(x, **attn_kw),
             branch_weight_grads=lambda *a: attention_weight_grad_sq(*a, **attn_kw),
@@ -421,12 +434,15 @@ def predict_lm(
     forward, caches = _forward(cfg, scheme, seq_len, x0)
     g, grads = g_top, [g_top]
     covs = None if g_top_covariance is None else [np.asarray(g_top_covariance, float)]
-    norm_input_vars, input_crosses = [], []
+    norm_input_vars, input_crosses, corrs = [], [], []
     if covs is not None:
         var, cross = np.full(seq_len, x0.var), x0_cross
+        tokens = x0.var * (x0.corr + (1 - x0.corr) * np.eye(seq_len))
         for sublayer, cache in caches:
             var, norm_input = sublayer.forward_by_position(cache, var)
+            tokens, corr = forward_covariance(sublayer, cache, tokens)
             norm_input_vars.append(norm_input)
+            corrs.append(corr)
             cross, input_cross = sublayer.forward_cross(cache, cross)
             input_crosses.append(input_cross)
         grad_cross = np.zeros((seq_len, seq_len)) if g_top_cross is None else g_top_cross
@@ -436,7 +452,7 @@ def predict_lm(
         g = sublayer.backward(cache, g)
         if covs is not None:
             norm_input = norm_input_vars[index]
-            cov, branch = sublayer.backward_covariance(cache, covs[-1], norm_input)
+            cov, branch = sublayer.backward_covariance(cache, covs[-1], norm_input, corrs[index])
             grad_cross, branch_cross = sublayer.backward_cross(cache, grad_cross, norm_input)
             covs.append(cov)
             weight_sq[index // 2] += sublayer.weight_grad_sq(

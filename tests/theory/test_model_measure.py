@@ -63,11 +63,12 @@ def _predicted_and_measured(text, placement: str):
 
 def test_pre_ln_prediction_matches_the_real_lm(text):
     """16-layer xavier Pre-LN byte LM: forward variance within 12% at every layer, gradient
-    variance within 35% from layer 2 up (measured: 33% at layer 2, under 20% above layer 4;
-    the issue's target is 25%, see experiments/README.md)."""
+    variance within 25% (the issue's target) from layer 2 up (measured: 23.6% at layer 3, under
+    20% above layer 4, with the non-exchangeable causal keys of attention.key_tilts; 33%
+    without them)."""
     predicted, measured = _predicted_and_measured(text, "pre")
     assert max_relative_error(predicted.var, measured.var) < 0.12
-    assert max_relative_error(predicted.grad_var[2:], measured.grad_var[2:]) < 0.35
+    assert max_relative_error(predicted.grad_var[2:], measured.grad_var[2:]) < 0.25
     np.testing.assert_allclose(predicted.corr[1:], measured.corr[1:], atol=0.08)
     layers = np.arange(1, 17)  # the linear law, measured and predicted
     for profile in (measured, predicted):
@@ -107,3 +108,42 @@ def test_position_resolved_attention_backward_averages_to_the_mean_field(causal)
     np.testing.assert_allclose(np.mean(np.diag(cov)), mean_field.var, rtol=1e-10)
     rows = attention.mha_forward_by_row(x, p_attn=0.1, causal=causal, **kw)
     assert np.isclose(rows.mean(), attention.mha_forward(x, p_attn=0.1, causal=causal, **kw).var)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_token_correlation_maps_reduce_to_the_mean_field_for_exchangeable_tokens(causal):
+    """With a uniform input correlation r (exchangeable keys) the position-resolved forward
+    covariance averages to the mean-field moments, the key tilts vanish and the backward
+    covariance is the one without `corr`."""
+    x = Signal(0.0, 1.0, 0.6)
+    kw = dict(d=128, heads=4, L=48, sigma_q=0.1, sigma_k=0.12, sigma_v=0.1, sigma_o=0.09)
+    uniform = 0.6 + 0.4 * np.eye(48)
+    mean_attention, tilt2, centred = attention.key_tilts(uniform, 1.7, causal)
+    seen = np.tril(np.ones((48, 48))) if causal else np.ones((48, 48))
+    n = seen.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(mean_attention, seen / n, atol=1e-12)
+    np.testing.assert_allclose(tilt2, seen, atol=1e-12)
+    np.testing.assert_allclose(centred, 0.4 * (1 - 1 / n) * seen, atol=1e-12)
+    cov = attention.mha_forward_covariance(x, uniform, p_attn=0.1, causal=causal, **kw)
+    mean_field = attention.mha_forward(x, p_attn=0.1, causal=causal, **kw)
+    off = ~np.eye(48, dtype=bool)
+    np.testing.assert_allclose(np.mean(np.diag(cov)), mean_field.var, rtol=1e-10)
+    np.testing.assert_allclose(np.mean(cov[off]), mean_field.cov, rtol=1e-8)
+    grad = 2.0 * np.eye(48)
+    with_corr = attention.mha_backward_covariance(
+        x, grad, p_attn=0.1, causal=causal, corr=uniform, **kw
+    )
+    without = attention.mha_backward_covariance(x, grad, p_attn=0.1, causal=causal, **kw)
+    np.testing.assert_allclose(with_corr, without, rtol=1e-10)
+
+
+def test_first_tokens_draw_more_attention_when_less_correlated():
+    """A causal row attends more, and with larger fluctuations, to a key that is less
+    correlated with the others (attention.key_tilts): token 0 of a stack whose later tokens
+    share a common component."""
+    corr = 0.9 + 0.1 * np.eye(32)
+    corr[0, 1:] = corr[1:, 0] = 0.5
+    mean_attention, tilt2, _ = attention.key_tilts(corr, 2.5, causal=True)
+    np.testing.assert_allclose(mean_attention.sum(axis=1), 1.0)
+    assert mean_attention[-1, 0] > 1.5 / 32 and tilt2[-1, 0] > 4 * tilt2[-1, 5]
+    assert np.isclose(mean_attention[-1, 5], mean_attention[-1, 6])
