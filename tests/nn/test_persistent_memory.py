@@ -82,4 +82,5 @@ def test_scan_equals_unrolled_with_persistent_memory():
     params = init_params(scanned, toks)
     a = scanned.apply({"params": params}, toks)
     b = unrolled.apply({"params": unstack_model(params, TINY.num_layers)}, toks)
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    # f32 rounding of a different op order (1.4e-6 seen at |logit| 2.5): as tests/nn/test_stack.py
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
