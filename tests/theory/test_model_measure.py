@@ -14,6 +14,7 @@ from deepscale_jax.theory.model import max_relative_error, measure_lm, predicted
 from tests.helpers import init_params, tiny_lm, tokens
 
 
+@pytest.mark.slow  # 30 s; scanned == unrolled itself is tested in tests/nn/test_stack.py
 def test_measurement_is_the_same_for_scanned_and_unrolled_layouts():
     toks = tokens(batch=8)
     targets = jax.numpy.roll(toks, -1, axis=1)
