@@ -5,7 +5,7 @@ For each scheme (schemes/) and each norm placement the scheme allows, a decoder 
 backward on one batch of Shakespeare validation text (`--model mlm`: the bidirectional
 encoder with the masked-LM loss on 15% masked bytes, the setting of the DeepScaleLM paper's
 figures). Per layer: residual-stream variance, inter-token correlation and weight-gradient
-norm, measured (theory/model.py `measure_lm`) and predicted (`predict_lm`, the composed
+norm, measured (theory/model_measure.py `measure_lm`) and predicted (`predict_lm`, the composed
 moment maps, anchored at the measured embedding output and top-layer gradient). Prints a
 table of the laws, writes JSON (`--out`) and one figure.
 
@@ -31,10 +31,12 @@ from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
 from deepscale_jax.models.mlm import EncoderMLM
 from deepscale_jax.schemes import SCHEMES, build_scheme
-from deepscale_jax.theory.model import Profile, predicted_and_measured
-from experiments.signal_propagation import text_batch
+from deepscale_jax.theory.model import Profile
+from deepscale_jax.theory.model_measure import predicted_and_measured
+from experiments.signal_propagation import seed_ensemble, text_batch
 
 MODEL = ModelConfig(num_layers=96, d_model=128, num_heads=4, d_ff=512, max_len=128)
+ENSEMBLE_QUANTITIES = ("var", "corr", "weight_grad_norm")
 STATISTICS = (
     ("var", "residual variance"),
     ("corr", "inter-token correlation"),
@@ -97,6 +99,7 @@ def run_variant(
     tokens: jax.Array,
     targets: jax.Array,
     model_kind: str = "lm",
+    seed: int = 0,
 ) -> dict:
     """Measured and predicted per-layer moments of one (scheme, norm, placement) at init."""
     cfg = dataclasses.replace(MODEL, num_layers=layers, norm=norm, norm_placement=placement)
@@ -107,7 +110,7 @@ def run_variant(
         tokens, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
     model_cls = EncoderMLM if model_kind == "mlm" else DecoderLM
     model = model_cls(cfg, build_scheme({"name": scheme}, cfg))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"]
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
     predicted, measured = predicted_and_measured(model, params, tokens, targets, weights)
     errors = {
         name: max_error(getattr(predicted, name), getattr(measured, name)) for name, _ in STATISTICS
@@ -119,6 +122,7 @@ def run_variant(
         "norm": norm,
         "placement": placement,
         "layers": layers,
+        "seed": seed,
         "measured": {k: getattr(measured, k).tolist() for k in keep},
         "predicted": {k: getattr(predicted, k).tolist() for k in keep},
         "laws_measured": laws(measured),
@@ -149,6 +153,23 @@ def format_table(results: list[dict]) -> str:
                 f"{_fmt(laws_['var_last_over_first'], 9)}{_fmt(laws_['wg_max_over_min'], 12)}"
                 f"{_fmt(laws_['wg_last_over_first'], 9)}   {errors if laws_ is m else ''}"
             )
+    return "\n".join(lines)
+
+
+def format_ensembles(ensembles: list[dict]) -> str:
+    """Per variant: the theory's max error against the seed-mean measured curves, and the
+    range of the single seeds' max errors (%)."""
+    lines = [f"seed means ({len(ensembles[0]['seeds'])} seeds): max error, (single seeds)"]
+    for e in ensembles:
+        cells = ", ".join(
+            f"{q} -"
+            if e[q] is None
+            else f"{q} {100 * e[q]['max_rel_error']:.1f} "
+            f"({100 * min(e[q]['per_seed_max_rel_error']):.0f}"
+            f"-{100 * max(e[q]['per_seed_max_rel_error']):.0f})"
+            for q in ENSEMBLE_QUANTITIES
+        )
+        lines.append(f"  {e['scheme']:<9}{e['placement'] + '-LN':<9}{cells}")
     return "\n".join(lines)
 
 
@@ -191,7 +212,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the per-layer results")
     parser.add_argument("--figdir", default="experiments/figures")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (Shakespeare)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="init seeds; > 1 adds the seed-mean comparison"
+    )
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     names = [n for n in args.schemes.split(",") if n]
     unknown = sorted(set(names) - set(SCHEMES))
     if unknown:
@@ -201,14 +227,20 @@ def main() -> None:
 
     prepare_shakespeare(args.data_dir)
     tokens, targets = text_batch(16, MODEL.max_len, args.data_dir)
-    results = []
+    results, ensembles = [], []
     for scheme, norm, placement in variants(names):
         start = time.perf_counter()
-        results.append(
-            run_variant(scheme, norm, placement, args.layers, tokens, targets, args.model)
-        )
+        runs = [
+            run_variant(scheme, norm, placement, args.layers, tokens, targets, args.model, seed)
+            for seed in range(args.seeds)
+        ]
+        results.append(runs[0])
         print(f"  {scheme} {placement}: {time.perf_counter() - start:.0f} s", flush=True)
+        if args.seeds > 1:
+            ensembles.append({"scheme": scheme, **seed_ensemble(runs, ENSEMBLE_QUANTITIES)})
     print(format_table(results))
+    if ensembles:
+        print(format_ensembles(ensembles))
     os.makedirs(args.figdir, exist_ok=True)
     suffix = "" if args.model == "lm" else f"_{args.model}"
     path = os.path.join(args.figdir, f"init_moments_{args.layers}l{suffix}.png")
@@ -217,7 +249,8 @@ def main() -> None:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            record = {"seed_0": results, "ensembles": ensembles} if ensembles else results
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from deepscale_jax.models.lm import DecoderLM
 from deepscale_jax.schemes import build_scheme
 from deepscale_jax.theory import attention_sweeps, component_sweeps
 from deepscale_jax.theory.measure import AUTHORS_PERCENTILES, case_errors, percentiles
-from deepscale_jax.theory.model import max_relative_error, predicted_and_measured
+from deepscale_jax.theory.model_measure import max_relative_error, predicted_and_measured
 
 SWEEPS = (component_sweeps, attention_sweeps)
 
@@ -108,18 +108,24 @@ MODEL = ModelConfig(num_layers=48, d_model=128, num_heads=4, d_ff=512, max_len=1
 
 
 def whole_model(
-    layers: int, placement: str, tokens: jax.Array, targets: jax.Array, scheme: str = "xavier"
+    layers: int,
+    placement: str,
+    tokens: jax.Array,
+    targets: jax.Array,
+    scheme: str = "xavier",
+    seed: int = 0,
 ) -> dict:
     cfg = dataclasses.replace(MODEL, num_layers=layers, norm_placement=placement)
     model = DecoderLM(cfg, build_scheme({"name": scheme}, cfg))
     import flax.linen as nn
 
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"]
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
     predicted, measured = predicted_and_measured(model, params, tokens, targets)
     return {
         "placement": placement,
         "scheme": scheme,
         "layers": layers,
+        "seed": seed,
         "predicted": predicted.to_json(),
         "measured": measured.to_json(),
         "max_rel_error_var": max_relative_error(predicted.var, measured.var),
@@ -135,6 +141,79 @@ def whole_model(
             for kind, profile in (("predicted", predicted), ("measured", measured))
         },
     }
+
+
+ENSEMBLE_QUANTITIES = ("var", "grad_var", "weight_grad_norm")
+ARITHMETIC = {"corr"}  # averaged plainly; the scale quantities spread multiplicatively
+
+
+def seed_ensemble(results: list[dict], quantities: tuple[str, ...] = ENSEMBLE_QUANTITIES) -> dict:
+    """Means over init seeds of the measured and the predicted per-layer curves (results of
+    one model variant, each with "seed", "measured" and "predicted"), the max relative error
+    between them, each seed's own max error and the measured per-layer range. Geometric means
+    for the scale quantities: one Post-LN model's gradient is a product of ~2N random
+    per-sublayer gains (log-sd ~1.3 over 48 layers at d = 128, experiments/README.md), so the
+    theory, which predicts the typical model, is compared with the typical measured model."""
+
+    def mean(kind: str, quantity: str) -> np.ndarray:
+        curves = np.asarray([r[kind][quantity] for r in results], dtype=float)
+        if quantity in ARITHMETIC:
+            return curves.mean(axis=0)
+        return np.exp(np.mean(np.log(curves), axis=0))
+
+    out: dict = {"placement": results[0]["placement"], "seeds": [r["seed"] for r in results]}
+    for quantity in quantities:
+        curves = [np.asarray(r["measured"][quantity]) for r in results]
+        if quantity not in ARITHMETIC and np.any(np.asarray(curves) <= 0):
+            out[quantity] = None  # nothing to compare (ReZero's gated weights get no gradient)
+            continue
+        measured, predicted = mean("measured", quantity), mean("predicted", quantity)
+        out[quantity] = {
+            "measured": measured.tolist(),
+            "predicted": predicted.tolist(),
+            "max_rel_error": max_relative_error(predicted, measured),
+            "per_seed_max_rel_error": [
+                max_relative_error(np.asarray(r["predicted"][quantity]), c)
+                for r, c in zip(results, curves, strict=True)
+            ],
+            "measured_min": np.min(curves, axis=0).tolist(),
+            "measured_max": np.max(curves, axis=0).tolist(),
+        }
+    return out
+
+
+def plot_ensembles(ensembles: list[dict], layers: int, path: str) -> None:
+    """Per placement: geometric-mean measured (with the per-seed range) and predicted
+    gradient variance and weight-gradient norms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(ensembles), 2, figsize=(11, 4 * len(ensembles)), squeeze=False)
+    for row, ensemble in zip(axes, ensembles, strict=True):
+        for ax, (name, title, first) in zip(
+            row,
+            [("grad_var", "gradient variance", 0), ("weight_grad_norm", "weight-gradient norm", 1)],
+            strict=True,
+        ):
+            curves = ensemble[name]
+            x = np.arange(first, layers + 1)
+            ax.fill_between(
+                x, curves["measured_min"], curves["measured_max"], alpha=0.25, label="seed range"
+            )
+            ax.plot(x, curves["measured"], "o", ms=3, label="measured, geometric mean")
+            ax.plot(x, curves["predicted"], "-", label="predicted, geometric mean")
+            ax.set_title(
+                f"{ensemble['placement']}-LN, {len(ensemble['seeds'])} seeds: {title} "
+                f"(max error {100 * curves['max_rel_error']:.0f}%)"
+            )
+            ax.set_xlabel("layer")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def token_group_profile(by_position: np.ndarray) -> dict[str, list[float]]:
@@ -199,6 +278,9 @@ def main() -> None:
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (Shakespeare)")
     parser.add_argument("--skip_components", action="store_true")
     parser.add_argument("--skip_model", action="store_true")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="init seeds for the whole model (geometric means)"
+    )
     args = parser.parse_args()
 
     if not args.skip_components:
@@ -215,7 +297,13 @@ def main() -> None:
 
         prepare_shakespeare(args.data_dir)
         tokens, targets = text_batch(16, MODEL.max_len, args.data_dir)
-        results = [whole_model(args.layers, p, tokens, targets) for p in ("pre", "post")]
+        if args.seeds < 1:
+            parser.error(f"--seeds must be at least 1, got {args.seeds}")
+        runs = {
+            p: [whole_model(args.layers, p, tokens, targets, seed=s) for s in range(args.seeds)]
+            for p in ("pre", "post")
+        }
+        results = [seeds[0] for seeds in runs.values()]
         os.makedirs(args.figdir, exist_ok=True)
         path = os.path.join(args.figdir, f"signal_propagation_{args.layers}l.png")
         plot_whole_model(results, path)
@@ -227,8 +315,25 @@ def main() -> None:
                 f"({100 * r['max_rel_error_grad_var_above_2']:.1f}% from layer 2 up), "
                 f"weight-gradient norm {100 * r['max_rel_error_weight_grad_norm']:.1f}%"
             )
+        record = {"seed_0": results}
+        if args.seeds > 1:
+            ensembles = [seed_ensemble(seeds) for seeds in runs.values()]
+            for e in ensembles:
+                print(
+                    f"{e['placement']}-LN, geometric mean over {len(e['seeds'])} seeds: max error "
+                    + ", ".join(
+                        f"{q} {100 * e[q]['max_rel_error']:.1f}% (per seed "
+                        f"{100 * min(e[q]['per_seed_max_rel_error']):.0f}"
+                        f"-{100 * max(e[q]['per_seed_max_rel_error']):.0f}%)"
+                        for q in ENSEMBLE_QUANTITIES
+                    )
+                )
+            seeds_path = os.path.join(args.figdir, f"signal_propagation_{args.layers}l_seeds.png")
+            plot_ensembles(ensembles, args.layers, seeds_path)
+            record["ensembles"] = ensembles
+            print(f"figure: {seeds_path}")
         with open(os.path.join(args.figdir, f"signal_propagation_{args.layers}l.json"), "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(record, f, indent=1)
         print(f"figure: {path}")
 
 

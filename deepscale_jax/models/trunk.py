@@ -5,7 +5,7 @@ Every model is embeddings -> one stack of nn/block.py layers -> (final norm) -> 
   `model.fix_norm` (FixNorm, Nguyen & Salazar 2019) E[tokens] is sqrt(d) times the unit-norm row
   and the tied logits use the unit-norm rows (nn/embed.py `TokenEmbed`);
 - `stack_input`: Dropout(h_0) with the measurement hooks on it ("embed_out": `perturb` for its
-  gradient, `sow` for its value; theory/model.py reads them), no-ops in training;
+  gradient, `sow` for its value; theory/model_measure.py reads them), no-ops in training;
 - `layer_stack`: the N residual layers under the model's mask (causal for the LM, key padding
   for the MLM, none for the ViT), plus the final norm a Pre-LN stack ends with (Xiong et al.
   2020; a Post-LN stack ends normalised already);

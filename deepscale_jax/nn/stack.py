@@ -5,9 +5,9 @@ scan), so layer-dependent inits and residual coefficients are jnp math on it. Ea
 its own init key `fold_in(stack_key, index)` (nn/initializers.py), which makes the scanned and
 the unrolled stack produce identical parameters for the same seed.
 
-Each layer exposes its output residual stream for measurement (theory/model.py): sown into the
-"intermediates" collection and open to `perturb` ("perturbations"), whose gradient is
-dLoss/d(residual stream); both are no-ops unless those collections are requested.
+Each layer exposes its output residual stream for measurement (theory/model_measure.py): sown
+into the "intermediates" collection and open to `perturb` ("perturbations"), whose gradient
+is dLoss/d(residual stream); both are no-ops unless those collections are requested.
 
 Rematerialisation (`model.remat_policy`) wraps each layer in `nn.remat` with a named policy:
 - none: no remat (every activation kept);

@@ -1,11 +1,10 @@
-"""Whole-model signal propagation: predicted (composed moment maps) and measured (real LM).
+"""Whole-model signal propagation, predicted: the component maps composed along a model.
 
-Predicted: the component maps of components.py / attention.py composed along the decoder
-layer's block structure (nn/block.py) for any scheme and for Pre-LN and Post-LN, giving per
-layer the residual-stream variance, inter-token correlation and gradient variance (Kedia et al.
-2024, sec. 3-4; theory.md 1.9-1.10). Measured: the same quantities read off the real
-`DecoderLM` at initialization, through the measurement hooks of nn/block.py (`sow` of the
-residual stream, `perturb` for its gradient), plus per-layer weight-gradient norms.
+The component maps of components.py / attention.py composed along the decoder layer's block
+structure (nn/block.py) for any scheme and for Pre-LN and Post-LN, giving per layer the
+residual-stream variance, inter-token correlation and gradient variance (Kedia et al. 2024,
+sec. 3-4; theory.md 1.9-1.10), position-resolved gradients and weight-gradient norms. The
+same quantities measured on the real model, and the two side by side: model_measure.py.
 
 Index convention: profile[0] is the embedding output (the stack's input), profile[l] the
 residual stream after layer l (1..N).
@@ -17,23 +16,12 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from deepscale_jax.metrics import token_cross_entropy
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.norms import partial_features
-from deepscale_jax.nn.stack import per_layer_params
 from deepscale_jax.theory import attention, components
-from deepscale_jax.theory.measure import (
-    Grad,
-    Signal,
-    cross_sequence_covariance,
-    estimate,
-    token_covariance,
-)
+from deepscale_jax.theory.measure import Grad, Signal
 from deepscale_jax.theory.token_correlation import forward_covariance
 from deepscale_jax.theory.weight_gradients import (
     attention_weight_grad_sq,
@@ -42,8 +30,6 @@ from deepscale_jax.theory.weight_gradients import (
     tokenwise,
     with_cov,
 )
-
-WEIGHT_NAMES = ("kernel",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +43,7 @@ class Profile:
     grad_corr: np.ndarray
     weight_grad_norm: np.ndarray | None = None
     grad_var_by_position: np.ndarray | None = None  # (N + 1, L)
-    top_grad_covariance: np.ndarray | None = None  # (L, L), measured only: the backward anchor
+    top_grad_covariance: np.ndarray | None = None  # (L, L), measured: the backward anchor
     top_grad_cross: np.ndarray | None = None  # (L, L) across sequences, measured only
     embed_cross: float | None = None  # cross-sequence covariance of the stack input, measured
 
@@ -111,6 +97,21 @@ def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward]:
     return forward, backward
 
 
+def typical_norm_gain(cfg: ModelConfig, scale: float, x: Signal) -> float:
+    """A norm's backward gain scale^2 / E[statistic] on a gradient already orthogonal to its
+    output, with the statistic (variance; mean square for the RMS family and ScaleNorm) at its
+    typical value instead of the per-token chi-square draw of the mean-field gain (LayerNorm:
+    s_g^2 (d - 2) E[1/v], E[1/v] = d/(s^2 (d - 3)), components.layernorm_backward). It charges
+    no projection loss: in a collapsed Post-LN stream the gradient reaching a norm is already
+    orthogonal to its output and mostly to 1. `Sublayer.backward_covariance` says which gain
+    applies where; experiments/README.md has the variant with the projection kept."""
+    if cfg.norm == "none":
+        return scale**2
+    second = x.var if cfg.norm == "layer_norm" else x.var + x.mean**2
+    eps = 0.0 if cfg.norm == "scale_norm" else cfg.norm_eps
+    return scale**2 / (second + eps)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sublayer:
     """One residual sublayer's moment maps: branch f, norm, dropout p, coefficients, placement."""
@@ -130,6 +131,7 @@ class Sublayer:
     branch_cross_forward: Callable[[Signal], float] | None = None
     branch_cross_backward: CovarianceBackward | None = None
     normalizes: bool = True  # the norm divides by its input's std (not the identity)
+    norm_typical_gain: Callable[[Signal], float] | None = None  # `typical_norm_gain`
     input_on_sphere: bool = False  # the input is a norm output (fixed |x|): Post-LN after layer 0
 
     def norm_input_kappa(self, x: Signal, b: Signal) -> float:
@@ -228,18 +230,33 @@ class Sublayer:
         cov: np.ndarray,
         norm_input_var: np.ndarray,
         corr: np.ndarray | None = None,
+        shared: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`backward` for the (L, L) token covariance of the gradient (per feature): token-wise
         pieces scale its diagonal and off-diagonal by their mean-field variance and covariance
         gains, the attention branch mixes tokens (attention.mha_backward_covariance), and the
         norm divides token i's gradient by its own input std (`norm_input_var`, per token).
         `corr`: the (L, L) token correlation at the branch input (token_correlation.py).
-        Returns (covariance at the sublayer input, covariance at the branch output)."""
+        Returns (covariance at the sublayer input, covariance at the branch output).
+
+        `shared` (Post-LN): the part of `cov` shared across sequences (the cross-sequence
+        covariance, `backward_cross`). A Post-LN stream collapses onto one direction common to
+        all tokens of all sequences, so the norm's input variance sigma^2 is one random draw
+        per sublayer for that part, not an independent chi-square per token. A single model's
+        shared gradient is then a product of such draws, typically prod 1/E[sigma^2] (the
+        `typical_norm_gain`), while the mean-field E[1/sigma^2] per sublayer, (d - 2)/(d - 3)
+        above it for LayerNorm, holds for the sequence-specific rest, which averages over
+        tokens; on the shared part it compounds to e^{2N/(d-3)}, 2.2x over 48 layers at
+        d = 128 (experiments/README.md)."""
 
         norm_backward = self._norm_maps(cache)[1]
 
         def norm(x: Signal, c: np.ndarray) -> np.ndarray:
-            out = tokenwise(lambda g: norm_backward(x, g), c)
+            if self.placement == "post" and shared is not None:
+                specific = tokenwise(lambda g: norm_backward(x, g), c - shared)
+                out = specific + self.norm_typical_gain(x) * shared
+            else:
+                out = tokenwise(lambda g: norm_backward(x, g), c)
             if not self.normalizes:
                 return out
             scale = np.sqrt(x.var / np.asarray(norm_input_var))
@@ -278,12 +295,16 @@ class Sublayer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """`backward_covariance` for the cross-sequence gradient covariance (L, L): token-wise
         maps scale every entry by their covariance gain, attention mixes through the mean
-        attention (attention.mha_backward_cross)."""
+        attention (attention.mha_backward_cross). All of it is shared across sequences, so a
+        Post-LN norm applies its typical gain (`backward_covariance`)."""
 
         norm_backward = self._norm_maps(cache)[1]
 
         def norm(x: Signal, c: np.ndarray) -> np.ndarray:
-            out = cross_tokenwise(lambda g: norm_backward(x, g), c)
+            if self.placement == "post":  # all shared: the typical gain
+                out = self.norm_typical_gain(x) * c
+            else:
+                out = cross_tokenwise(lambda g: norm_backward(x, g), c)
             if not self.normalizes:
                 return out
             scale = np.sqrt(x.var / np.asarray(norm_input_var))
@@ -355,6 +376,7 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
     )
     norm_forward, norm_backward = _norm_maps(cfg, norm_scale)
     common = dict(
+        norm_typical_gain=lambda x: typical_norm_gain(cfg, norm_scale, x),
         norm_forward=norm_forward,
         norm_backward=norm_backward,
         p=cfg.dropout,
@@ -452,7 +474,9 @@ def predict_lm(
         g = sublayer.backward(cache, g)
         if covs is not None:
             norm_input = norm_input_vars[index]
-            cov, branch = sublayer.backward_covariance(cache, covs[-1], norm_input, corrs[index])
+            cov, branch = sublayer.backward_covariance(
+                cache, covs[-1], norm_input, corrs[index], shared=grad_cross
+            )
             grad_cross, branch_cross = sublayer.backward_cross(cache, grad_cross, norm_input)
             covs.append(cov)
             weight_sq[index // 2] += sublayer.weight_grad_sq(
@@ -476,134 +500,3 @@ def predict_lm(
         weight_grad_norm=weight_grad_norm,
         grad_var_by_position=per_position,
     )
-
-
-def _stack_profile(streams: list[jax.Array]) -> tuple[np.ndarray, np.ndarray]:
-    """(variance, inter-token correlation) of each (B, T, d) stream; batch and features are the
-    i.i.d. samples, as in the component measurements."""
-    var, corr = [], []
-    for stream in streams:
-        _, v, c = estimate(stream, token_axis=-2)
-        var.append(v)
-        corr.append(c / v)
-    return np.asarray(var), np.asarray(corr)
-
-
-STACK_NAMES = ("decoder", "encoder")  # the layer stack of a decoder LM / an encoder (MLM, ViT)
-
-
-def _stack(tree: dict) -> dict:
-    """The one layer stack of a single-stack model's collection."""
-    found = [name for name in STACK_NAMES if name in tree]
-    if len(found) != 1:
-        raise ValueError(f"expected one layer stack named one of {STACK_NAMES}, found {found}")
-    return tree[found[0]]
-
-
-def _layer_streams(tree: dict, num_layers: int, name: str) -> list[jax.Array]:
-    """The per-layer arrays `name` of a sown/perturbation collection, either layout."""
-    stack = _stack(tree)
-    if "layers" in stack:
-        value = stack["layers"][name]
-        value = value[0] if isinstance(value, tuple) else value
-        return [value[i] for i in range(num_layers)]
-    out = []
-    for i in range(num_layers):
-        value = stack[f"layer_{i:03d}"][name]
-        out.append(value[0] if isinstance(value, tuple) else value)
-    return out
-
-
-def weight_grad_norms(grads: dict, num_layers: int) -> np.ndarray:
-    """sqrt(sum of squared gradients) over each layer's weight matrices (not biases, gains)."""
-    norms = []
-    for layer in per_layer_params(_stack(grads), num_layers):
-        leaves = jax.tree_util.tree_flatten_with_path(layer)[0]
-        total = sum(
-            float(jnp.sum(jnp.square(leaf)))
-            for path, leaf in leaves
-            if getattr(path[-1], "key", None) in WEIGHT_NAMES
-        )
-        norms.append(np.sqrt(total))
-    return np.asarray(norms)
-
-
-def measure_lm(
-    model: nn.Module,
-    params: dict,
-    tokens: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array | None = None,
-) -> Profile:
-    """Per-layer forward and backward moments of the real LM (decoder LM or encoder MLM) under
-    its cross-entropy loss, over the tokens `weights` selects (all by default; the masked
-    positions for an MLM).
-
-    Deterministic forward (no dropout); the gradient of the mean token cross-entropy w.r.t. the
-    residual stream after each layer comes from zero perturbations added there.
-    """
-    num_layers = model.config.num_layers
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))
-    perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
-
-    def loss_fn(p: dict, pert: dict) -> tuple[jax.Array, dict]:
-        logits, state = model.apply(
-            {"params": p, "perturbations": pert}, tokens, mutable=["intermediates"]
-        )
-        total, count = token_cross_entropy(logits, targets, weights)
-        return total / count, state["intermediates"]
-
-    grad_fn = jax.jit(jax.grad(loss_fn, argnums=(0, 1), has_aux=True))
-    (param_grads, stream_grads), inter = grad_fn(params, perturbations)
-
-    def with_embedding(tree: dict, name: str) -> list[jax.Array]:
-        embed = tree["embed_out"]
-        embed = embed[0] if isinstance(embed, tuple) else embed
-        return [embed, *_layer_streams(tree, num_layers, name)]
-
-    var, corr = _stack_profile(with_embedding(inter, "residual"))
-    grad_streams = with_embedding(stream_grads, "residual")
-    grad_var, grad_corr = _stack_profile(grad_streams)
-    by_position = np.asarray([np.var(np.asarray(s), axis=(0, 2)) for s in grad_streams])
-    return Profile(
-        var,
-        corr,
-        grad_var,
-        grad_corr,
-        weight_grad_norms(param_grads, num_layers),
-        by_position,
-        token_covariance(grad_streams[-1]),
-        cross_sequence_covariance(grad_streams[-1]),
-        float(np.mean(cross_sequence_covariance(with_embedding(inter, "residual")[0]))),
-    )
-
-
-def predicted_and_measured(
-    model: nn.Module,
-    params: dict,
-    tokens: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array | None = None,
-) -> tuple[Profile, Profile]:
-    """(prediction, measurement) for one LM at init; the prediction starts from the measured
-    embedding output and the measured gradient at the top layer (the anchors of the laws)."""
-    measured = measure_lm(model, params, tokens, targets, weights)
-    x0 = Signal(0.0, float(measured.var[0]), float(measured.corr[0]))
-    g_top = Grad(float(measured.grad_var[-1]), float(measured.grad_corr[-1]))
-    predicted = predict_lm(
-        model.config,
-        model.scheme,
-        tokens.shape[1],
-        x0,
-        g_top,
-        g_top_covariance=measured.top_grad_covariance,
-        batch=tokens.shape[0],
-        g_top_cross=measured.top_grad_cross,
-        x0_cross=measured.embed_cross,
-    )
-    return predicted, measured
-
-
-def max_relative_error(predicted: np.ndarray, measured: np.ndarray) -> float:
-    """max over layers of |predicted - measured| / measured."""
-    return float(np.max(np.abs(predicted - measured) / np.abs(measured)))

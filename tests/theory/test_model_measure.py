@@ -1,5 +1,7 @@
 """Whole-model measurement (layout-independent) and prediction against the real LM."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -7,10 +9,17 @@ import pytest
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
+from deepscale_jax.nn.norms import norm_from_config, partial_features
 from deepscale_jax.schemes import build_scheme
 from deepscale_jax.theory import attention
 from deepscale_jax.theory.measure import Grad, Signal
-from deepscale_jax.theory.model import max_relative_error, measure_lm, predicted_and_measured
+from deepscale_jax.theory.model import decoder_sublayers
+from deepscale_jax.theory.model_measure import (
+    max_relative_error,
+    measure_lm,
+    predicted_and_measured,
+    top_norm_passed_gradient,
+)
 from tests.helpers import init_params, tiny_lm, tokens
 
 
@@ -148,3 +157,70 @@ def test_first_tokens_draw_more_attention_when_less_correlated():
     np.testing.assert_allclose(mean_attention.sum(axis=1), 1.0)
     assert mean_attention[-1, 0] > 1.5 / 32 and tilt2[-1, 0] > 4 * tilt2[-1, 5]
     assert np.isclose(mean_attention[-1, 5], mean_attention[-1, 6])
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm", "prms_norm", "scale_norm"])
+def test_top_norm_anchor_drops_exactly_what_the_norm_backward_annihilates(norm):
+    """Post-LN anchor (`top_norm_passed_gradient`): the real norm's vjp of the raw gradient
+    equals its vjp of the projected one, and the projection removes a real component (the
+    raw gradient is given one along the output direction)."""
+    cfg = ModelConfig(
+        d_model=64,
+        num_heads=2,
+        d_ff=128,
+        norm=norm,
+        norm_placement="post",
+        norm_partial_fraction=0.0625,
+        norm_eps=1e-12,  # the identity is exact at eps = 0 (eps breaks scale invariance)
+    )
+    module = norm_from_config(cfg, None)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 64)) * 1.7 + 0.3
+    params = module.init(jax.random.PRNGKey(1), x)
+    y, vjp = jax.vjp(lambda v: module.apply(params, v), x)
+    along = y if norm != "prms_norm" else y.at[..., partial_features(64, 0.0625) :].set(0.0)
+    along = along / jax.numpy.linalg.norm(along, axis=-1, keepdims=True) * 8.0  # unit per entry
+    raw = jax.random.normal(jax.random.PRNGKey(2), y.shape) + along
+    passed = top_norm_passed_gradient(cfg, raw, y)
+    assert float(np.mean(np.square(raw - passed))) > 0.3 * float(np.mean(np.square(raw)))
+    np.testing.assert_allclose(vjp(passed)[0], vjp(raw)[0], atol=2e-5)
+    pre = ModelConfig(d_model=64, num_heads=2, d_ff=128, norm=norm, norm_placement="pre")
+    assert top_norm_passed_gradient(pre, raw, y) is raw
+
+
+def test_post_ln_shared_gradient_takes_the_typical_norm_gain():
+    """Post-LN: the part of the gradient's token covariance shared across sequences crosses
+    each norm at the typical gain 1/E[sigma^2] (`typical_norm_gain`), the rest at the
+    mean-field one; with no shared part nothing changes, and Pre-LN ignores it."""
+    L = 16
+    shared = 0.3 * np.ones((L, L))
+    cov = shared + 0.5 * np.eye(L)
+    for placement in ("post", "pre"):
+        cfg = ModelConfig(num_layers=2, d_model=64, num_heads=2, d_ff=256, max_len=L)
+        cfg = dataclasses.replace(cfg, norm_placement=placement)
+        sublayer = decoder_sublayers(cfg, build_scheme({"name": "xavier"}, cfg), 1, L)[1]
+        _, cache = sublayer.forward(Signal(0.0, 1.0, 0.9))
+        norm_input = np.full(L, cache[1].var)
+        args = (cache, cov, norm_input)
+        plain = sublayer.backward_covariance(*args)[0]
+        np.testing.assert_array_equal(
+            sublayer.backward_covariance(*args, shared=np.zeros((L, L)))[0], plain
+        )
+        with_shared = sublayer.backward_covariance(*args, shared=shared)[0]
+        if placement == "pre":
+            np.testing.assert_array_equal(with_shared, plain)
+            continue
+        assert not np.allclose(with_shared, plain)
+        norm_only = dataclasses.replace(sublayer, beta=0.0)  # the residual path: lam^2 x norm
+        typical = norm_only.norm_typical_gain(cache[1])
+        mean_field = norm_only.backward_covariance(cache, cov - shared, norm_input)[0]
+        np.testing.assert_allclose(
+            norm_only.backward_covariance(*args, shared=shared)[0],
+            mean_field + norm_only.lam**2 * typical * shared,
+            rtol=1e-12,
+        )
+        np.testing.assert_allclose(
+            norm_only.backward_cross(cache, shared, norm_input)[0],
+            norm_only.lam**2 * typical * shared,
+            rtol=1e-12,
+        )
+        assert np.isclose(typical, 1.0 / (cache[1].var + cfg.norm_eps))
