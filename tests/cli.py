@@ -8,13 +8,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The test models are tiny: compiling them (LLVM's optimisation passes) costs far more than
+# running them. XLA's backend optimisation level 0 compiles CPU programs ~3x faster and changes
+# no program's semantics (the HLO passes still run; no fast-math), only how fast the machine
+# code is. conftest.py sets it for the test processes and `cli_env` for the programs they start.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
 
 def cli_env() -> dict[str, str]:
-    """The test environment with the repository importable and XLA_FLAGS cleared (the program
-    picks its own device count)."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("XLA_FLAGS", None)
-    return env
+    """The test environment with the repository importable and XLA_FLAGS holding only the fast
+    compile flags (the program picks its own device count)."""
+    return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": FAST_COMPILE_FLAGS}
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -23,7 +23,8 @@ def _lm_grads():
     config = lm.get_config("smoke,layers=3")
     model_cfg, scheme = validate_config(config)
     task = build_task(config, model_cfg, scheme)
-    params = nn.meta.unbox(task.model.init(jax.random.PRNGKey(0), *task.init_inputs())["params"])
+    init = jax.jit(task.model.init)
+    params = nn.meta.unbox(init(jax.random.PRNGKey(0), *task.init_inputs())["params"])
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, 256)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
@@ -31,7 +32,7 @@ def _lm_grads():
         total, count = task.loss(p, batch, deterministic=True)
         return total / count
 
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
 
 def test_layer_norms_are_the_same_for_scanned_and_unrolled_stacks():

@@ -80,7 +80,7 @@ def test_scan_equals_unrolled_with_persistent_memory():
     scanned = tiny_lm(persistent_memory=3)
     unrolled = tiny_lm(persistent_memory=3, scan_layers=False)
     params = init_params(scanned, toks)
-    a = scanned.apply({"params": params}, toks)
-    b = unrolled.apply({"params": unstack_model(params, TINY.num_layers)}, toks)
+    a = jax.jit(scanned.apply)({"params": params}, toks)
+    b = jax.jit(unrolled.apply)({"params": unstack_model(params, TINY.num_layers)}, toks)
     # f32 rounding of a different op order (1.4e-6 seen at |logit| 2.5): as tests/nn/test_stack.py
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -31,8 +31,8 @@ def test_scanned_and_unrolled_give_identical_parameters_and_logits(scheme, place
     for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(p_unroll), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    logits_scan = scanned.apply({"params": p_scan}, toks)
-    logits_unroll = unrolled.apply({"params": p_unroll}, toks)
+    logits_scan = jax.jit(scanned.apply)({"params": p_scan}, toks)
+    logits_unroll = jax.jit(unrolled.apply)({"params": p_unroll}, toks)
     np.testing.assert_allclose(logits_scan, logits_unroll, rtol=1e-5, atol=1e-5)
 
 
