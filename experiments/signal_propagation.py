@@ -10,7 +10,9 @@ r"""Signal propagation: closed-form moments vs Monte Carlo on the real modules a
    component and statistic, next to the authors' figures.
 2. Whole model: a deep decoder LM (xavier, Pre-LN and Post-LN) at initialization on Shakespeare
    text; per-layer residual-stream variance, correlation and gradient variance, predicted
-   (theory/model.py) and measured; figure written to --figdir.
+   (theory/model.py) and measured; figure written to --figdir. With `--seeds K`, also the
+   geometric means over K init seeds (`seed_ensemble`): one model is one random draw, and
+   the theory predicts the typical model.
 """
 
 from __future__ import annotations
