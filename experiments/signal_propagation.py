@@ -284,6 +284,8 @@ def main() -> None:
         "--seeds", type=int, default=1, help="init seeds for the whole model (geometric means)"
     )
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
 
     if not args.skip_components:
         start = time.perf_counter()
@@ -299,8 +301,6 @@ def main() -> None:
 
         prepare_shakespeare(args.data_dir)
         tokens, targets = text_batch(16, MODEL.max_len, args.data_dir)
-        if args.seeds < 1:
-            parser.error(f"--seeds must be at least 1, got {args.seeds}")
         runs = {
             p: [whole_model(args.layers, p, tokens, targets, seed=s) for s in range(args.seeds)]
             for p in ("pre", "post")
