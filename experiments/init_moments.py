@@ -36,12 +36,12 @@ from deepscale_jax.theory.model_measure import predicted_and_measured
 from experiments.signal_propagation import seed_ensemble, text_batch
 
 MODEL = ModelConfig(num_layers=96, d_model=128, num_heads=4, d_ff=512, max_len=128)
-ENSEMBLE_QUANTITIES = ("var", "corr", "weight_grad_norm")
 STATISTICS = (
     ("var", "residual variance"),
     ("corr", "inter-token correlation"),
     ("weight_grad_norm", "weight-gradient norm"),
 )
+ENSEMBLE_QUANTITIES = tuple(name for name, _ in STATISTICS)
 
 
 def variants(names: list[str]) -> list[tuple[str, str, str]]:

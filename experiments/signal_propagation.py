@@ -157,29 +157,29 @@ def seed_ensemble(results: list[dict], quantities: tuple[str, ...] = ENSEMBLE_QU
     per-sublayer gains (log-sd ~1.3 over 48 layers at d = 128, experiments/README.md), so the
     theory, which predicts the typical model, is compared with the typical measured model."""
 
-    def mean(kind: str, quantity: str) -> np.ndarray:
-        curves = np.asarray([r[kind][quantity] for r in results], dtype=float)
-        if quantity in ARITHMETIC:
-            return curves.mean(axis=0)
-        return np.exp(np.mean(np.log(curves), axis=0))
-
     out: dict = {"placement": results[0]["placement"], "seeds": [r["seed"] for r in results]}
     for quantity in quantities:
-        curves = [np.asarray(r["measured"][quantity]) for r in results]
-        if quantity not in ARITHMETIC and np.any(np.asarray(curves) <= 0):
+        measured, predicted = (
+            np.asarray([r[kind][quantity] for r in results], dtype=float)
+            for kind in ("measured", "predicted")
+        )
+        if quantity not in ARITHMETIC and np.any(measured <= 0):
             out[quantity] = None  # nothing to compare (ReZero's gated weights get no gradient)
             continue
-        measured, predicted = mean("measured", quantity), mean("predicted", quantity)
+        mean = (
+            (lambda c: c.mean(axis=0))
+            if quantity in ARITHMETIC
+            else (lambda c: np.exp(np.log(c).mean(axis=0)))
+        )
         out[quantity] = {
-            "measured": measured.tolist(),
-            "predicted": predicted.tolist(),
-            "max_rel_error": max_relative_error(predicted, measured),
+            "measured": mean(measured).tolist(),
+            "predicted": mean(predicted).tolist(),
+            "max_rel_error": max_relative_error(mean(predicted), mean(measured)),
             "per_seed_max_rel_error": [
-                max_relative_error(np.asarray(r["predicted"][quantity]), c)
-                for r, c in zip(results, curves, strict=True)
+                max_relative_error(p, m) for p, m in zip(predicted, measured, strict=True)
             ],
-            "measured_min": np.min(curves, axis=0).tolist(),
-            "measured_max": np.max(curves, axis=0).tolist(),
+            "measured_min": measured.min(axis=0).tolist(),
+            "measured_max": measured.max(axis=0).tolist(),
         }
     return out
 

@@ -60,6 +60,7 @@ Forward = Callable[[Signal], Signal]
 Backward = Callable[[Signal, Grad], Grad]
 CovarianceBackward = Callable[[Signal, np.ndarray], np.ndarray]
 CovarianceMap = Callable[..., np.ndarray]
+TypicalGain = Callable[[Signal], float]
 
 NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
     "layer_norm": (components.layernorm_forward, components.layernorm_backward),
@@ -74,9 +75,9 @@ NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward]:
+def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward, TypicalGain]:
     """The norm's moment maps followed by the fixed multiplier `scale` (`scheme.norm_scale`):
-    variance and gradient variance both times scale^2."""
+    variance and gradient variance both times scale^2; and its `typical_norm_gain`."""
     if cfg.norm not in NORM_MAPS:
         raise ValueError(
             f"no moment maps for model.norm={cfg.norm!r}; have: {', '.join(NORM_MAPS)}"
@@ -94,7 +95,7 @@ def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward]:
         out = norm_b(x, Grad(g.var * scale**2, g.corr), **kw)
         return out
 
-    return forward, backward
+    return forward, backward, lambda x: typical_norm_gain(cfg, scale, x)
 
 
 def typical_norm_gain(cfg: ModelConfig, scale: float, x: Signal) -> float:
@@ -131,7 +132,7 @@ class Sublayer:
     branch_cross_forward: Callable[[Signal], float] | None = None
     branch_cross_backward: CovarianceBackward | None = None
     normalizes: bool = True  # the norm divides by its input's std (not the identity)
-    norm_typical_gain: Callable[[Signal], float] | None = None  # `typical_norm_gain`
+    norm_typical_gain: TypicalGain | None = None  # `typical_norm_gain`, from `_norm_maps`
     input_on_sphere: bool = False  # the input is a norm output (fixed |x|): Post-LN after layer 0
 
     def norm_input_kappa(self, x: Signal, b: Signal) -> float:
@@ -374,9 +375,9 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
         activation=cfg.activation,
         p=0.0,
     )
-    norm_forward, norm_backward = _norm_maps(cfg, norm_scale)
+    norm_forward, norm_backward, norm_typical_gain = _norm_maps(cfg, norm_scale)
     common = dict(
-        norm_typical_gain=lambda x: typical_norm_gain(cfg, norm_scale, x),
+        norm_typical_gain=norm_typical_gain,
         norm_forward=norm_forward,
         norm_backward=norm_backward,
         p=cfg.dropout,
