@@ -60,7 +60,7 @@ Forward = Callable[[Signal], Signal]
 Backward = Callable[[Signal, Grad], Grad]
 CovarianceBackward = Callable[[Signal, np.ndarray], np.ndarray]
 CovarianceMap = Callable[..., np.ndarray]
-TypicalGain = Callable[[Signal], float]
+TypicalGain = Callable[[Signal, float], float]
 
 NORM_MAPS: dict[str, tuple[Callable, Callable]] = {
     "layer_norm": (components.layernorm_forward, components.layernorm_backward),
@@ -95,22 +95,39 @@ def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward, Typic
         out = norm_b(x, Grad(g.var * scale**2, g.corr), **kw)
         return out
 
-    return forward, backward, lambda x: typical_norm_gain(cfg, scale, x)
+    return forward, backward, lambda x, specific: typical_norm_gain(cfg, scale, x, specific)
 
 
-def typical_norm_gain(cfg: ModelConfig, scale: float, x: Signal) -> float:
-    """A norm's backward gain scale^2 / E[statistic] on a gradient already orthogonal to its
-    output, with the statistic (variance; mean square for the RMS family and ScaleNorm) at its
-    typical value instead of the per-token chi-square draw of the mean-field gain (LayerNorm:
-    s_g^2 (d - 2) E[1/v], E[1/v] = d/(s^2 (d - 3)), components.layernorm_backward). It charges
-    no projection loss: in a collapsed Post-LN stream the gradient reaching a norm is already
-    orthogonal to its output and mostly to 1. `Sublayer.backward_covariance` says which gain
-    applies where; experiments/README.md has the variant with the projection kept."""
+def statistic_relative_variance(cfg: ModelConfig, x: Signal) -> float:
+    """Var(q) / E[q]^2 of a norm's statistic q for Gaussian input x (per feature N(mu, s^2)):
+    q = |x - mean|^2 / d for LayerNorm (n = d - 1 degrees of freedom, mu removed), |x|^2 / n
+    over the n = d features of RMSNorm and ScaleNorm, the first n = k of pRMSNorm:
+        Var q / E[q]^2 = (4 mu^2 s^2 + 2 s^4) / (n (mu^2 + s^2)^2)   (2/n at mu = 0)."""
+    if cfg.norm == "none":
+        return 0.0
+    mu2 = 0.0 if cfg.norm == "layer_norm" else x.mean**2
+    n = {"layer_norm": cfg.d_model - 1, "prms_norm": None}.get(cfg.norm, cfg.d_model)
+    if n is None:
+        n = partial_features(cfg.d_model, cfg.norm_partial_fraction)
+    return (4 * mu2 * x.var + 2 * x.var**2) / (n * (mu2 + x.var) ** 2)
+
+
+def typical_norm_gain(cfg: ModelConfig, scale: float, x: Signal, specific: float) -> float:
+    """A Post-LN norm's backward gain in one model, on a gradient orthogonal to its output:
+        scale^2 / E[q] * (1 + specific * Var q / E[q]^2)     (q: `statistic_relative_variance`).
+    No projection loss: each block is homogeneous of degree 1 in its input and the norm is
+    scale-invariant, so the gradient reaching a Post-LN norm is already orthogonal to its
+    output. The mean-field gain's E[1/q] = (1 + Var q / E[q]^2) / E[q] (delta method; LayerNorm:
+    d/(s^2 (d - 3)), components.layernorm_backward) averages over independent draws of q per
+    token; in one model the part of q's fluctuation common to all tokens of all sequences is a
+    single draw per sublayer, whose typical (geometric-mean) effect on the gradient over many
+    sublayers is 1/E[q], and only the token-specific part, the fraction `specific`
+    (`Sublayer.specific_fluctuation`), averages over tokens into the mean-field boost."""
     if cfg.norm == "none":
         return scale**2
     second = x.var if cfg.norm == "layer_norm" else x.var + x.mean**2
     eps = 0.0 if cfg.norm == "scale_norm" else cfg.norm_eps
-    return scale**2 / (second + eps)
+    return scale**2 / (second + eps) * (1 + specific * statistic_relative_variance(cfg, x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,13 +242,30 @@ class Sublayer:
             return self.branch_backward_covariance(x, cov, corr)
         return tokenwise(lambda g: self.branch_backward(x, g), cov)
 
+    def specific_fluctuation(self, cache: tuple, input_cross: float) -> float:
+        """The token-specific fraction of the fluctuation of a Post-LN norm's statistic,
+        kappa (1 - rho^2): kappa (`norm_input_kappa`) is the merge's fluctuation in units of a
+        Gaussian vector's, and rho the correlation between tokens of different sequences at the
+        norm input (`forward_cross`'s merge), whose square is the fraction of a Gaussian
+        vector's squared-norm fluctuation shared with every other token: with x_t = c + e_t,
+        |x_t|^2 - E = (|c|^2 - E) + 2 c.e_t + (|e_t|^2 - E), of variances 2 rho^2 s^4/d and
+        (4 rho (1 - rho) + 2 (1 - rho)^2) s^4/d, which sum to 2 s^4/d."""
+        x, merged, b = cache
+        branch_cross = self.branch_cross_forward or (lambda s: self.branch_forward(s).cov)
+        common = self.lam**2 * input_cross + self.beta**2 * branch_cross(with_cov(x, input_cross))
+        rho = float(np.clip(common / merged.var, 0.0, 1.0)) if merged.var > 0 else 0.0
+        return self.norm_input_kappa(x, b) * (1.0 - rho**2)
+
+    def _post_norm_gain(self, cache: tuple, x: Signal, input_cross: float) -> float:
+        return self.norm_typical_gain(x, self.specific_fluctuation(cache, input_cross))
+
     def backward_covariance(
         self,
         cache: tuple,
         cov: np.ndarray,
         norm_input_var: np.ndarray,
         corr: np.ndarray | None = None,
-        shared: np.ndarray | None = None,
+        input_cross: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`backward` for the (L, L) token covariance of the gradient (per feature): token-wise
         pieces scale its diagonal and off-diagonal by their mean-field variance and covariance
@@ -240,22 +274,19 @@ class Sublayer:
         `corr`: the (L, L) token correlation at the branch input (token_correlation.py).
         Returns (covariance at the sublayer input, covariance at the branch output).
 
-        `shared` (Post-LN): the part of `cov` shared across sequences (the cross-sequence
-        covariance, `backward_cross`). A Post-LN stream collapses onto one direction common to
-        all tokens of all sequences, so the norm's input variance sigma^2 is one random draw
-        per sublayer for that part, not an independent chi-square per token. A single model's
-        shared gradient is then a product of such draws, typically prod 1/E[sigma^2] (the
-        `typical_norm_gain`), while the mean-field E[1/sigma^2] per sublayer, (d - 2)/(d - 3)
-        above it for LayerNorm, holds for the sequence-specific rest, which averages over
-        tokens; on the shared part it compounds to e^{2N/(d-3)}, 2.2x over 48 layers at
-        d = 128 (experiments/README.md)."""
+        Post-LN norms apply the one-model gain `typical_norm_gain` to the whole covariance,
+        given the cross-sequence covariance `input_cross` at the sublayer input (what makes
+        the norm's statistic a draw common to all tokens; `specific_fluctuation`). A Post-LN
+        stream collapses onto one direction shared by all tokens of all sequences, and the
+        mean-field E[1/sigma^2] per token, (d - 2)/(d - 3) above it for LayerNorm, would
+        compound to e^{2N/(d-3)} over N layers, 2.2x at 48 layers and d = 128
+        (experiments/README.md)."""
 
         norm_backward = self._norm_maps(cache)[1]
 
         def norm(x: Signal, c: np.ndarray) -> np.ndarray:
-            if self.placement == "post" and shared is not None:
-                specific = tokenwise(lambda g: norm_backward(x, g), c - shared)
-                out = specific + self.norm_typical_gain(x) * shared
+            if self.placement == "post":
+                out = self._post_norm_gain(cache, x, input_cross) * c
             else:
                 out = tokenwise(lambda g: norm_backward(x, g), c)
             if not self.normalizes:
@@ -292,18 +323,27 @@ class Sublayer:
         return self._norm_maps(cache)[0](with_cov(h_or_merged, merged)).cov, cross
 
     def backward_cross(
-        self, cache: tuple, cross: np.ndarray, norm_input_var: np.ndarray
+        self,
+        cache: tuple,
+        cross: np.ndarray,
+        norm_input_var: np.ndarray,
+        input_cross: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`backward_covariance` for the cross-sequence gradient covariance (L, L): token-wise
-        maps scale every entry by their covariance gain, attention mixes through the mean
-        attention (attention.mha_backward_cross). All of it is shared across sequences, so a
-        Post-LN norm applies its typical gain (`backward_covariance`)."""
+        maps scale every entry by their covariance gain for a pair of tokens whose inputs
+        correlate as tokens of different sequences do (`input_cross`, the covariance between
+        sequences at the sublayer input): for ReLU the fraction of units active in both,
+        (pi - arccos rho) / (2 pi), is smaller between sequences than within a collapsed
+        one, so gradients of different sequences decorrelate going down (Balduzzi et al.
+        2017, shattered gradients). Attention mixes through the mean attention
+        (attention.mha_backward_cross). A Post-LN norm applies the same one-model gain as in
+        `backward_covariance`."""
 
         norm_backward = self._norm_maps(cache)[1]
 
         def norm(x: Signal, c: np.ndarray) -> np.ndarray:
-            if self.placement == "post":  # all shared: the typical gain
-                out = self.norm_typical_gain(x) * c
+            if self.placement == "post":
+                out = self._post_norm_gain(cache, x, input_cross) * c
             else:
                 out = cross_tokenwise(lambda g: norm_backward(x, g), c)
             if not self.normalizes:
@@ -314,7 +354,8 @@ class Sublayer:
         def branch(x: Signal, c: np.ndarray) -> np.ndarray:
             if self.branch_cross_backward is not None:
                 return self.branch_cross_backward(x, c)
-            return cross_tokenwise(lambda g: self.branch_backward(x, g), c)
+            pair = with_cov(x, input_cross)  # two tokens of different sequences
+            return cross_tokenwise(lambda g: self.branch_backward(pair, g), c)
 
         if self.placement == "pre":
             x, h, _ = cache
@@ -476,9 +517,11 @@ def predict_lm(
         if covs is not None:
             norm_input = norm_input_vars[index]
             cov, branch = sublayer.backward_covariance(
-                cache, covs[-1], norm_input, corrs[index], shared=grad_cross
+                cache, covs[-1], norm_input, corrs[index], input_crosses[index]
             )
-            grad_cross, branch_cross = sublayer.backward_cross(cache, grad_cross, norm_input)
+            grad_cross, branch_cross = sublayer.backward_cross(
+                cache, grad_cross, norm_input, input_crosses[index]
+            )
             covs.append(cov)
             weight_sq[index // 2] += sublayer.weight_grad_sq(
                 cache, branch, batch, input_crosses[index], branch_cross

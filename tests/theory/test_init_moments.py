@@ -59,9 +59,10 @@ def test_xavier_pre_ln_variance_grows_with_depth(runs):
 
 def test_xavier_post_ln_weight_gradients_shrink_toward_the_input(runs):
     """The diagnosis, Post-LN: per-layer weight-gradient norms shrink toward the input (last /
-    first >= 5 measured at 24 layers). The theory gets the direction but not the size (about
-    2x; experiments/README.md says why): asserted as a shrink of at least 1.5x."""
+    first >= 5 measured at 24 layers). At this depth the theory gets the direction but not
+    the size (2.7x against 5.8x for this seed; within 25% at 96 layers over seeds,
+    experiments/README.md): asserted as a shrink of at least 2x."""
     measured = runs("xavier", "post")["laws_measured"]["wg_last_over_first"]
     predicted = runs("xavier", "post")["laws_predicted"]["wg_last_over_first"]
     assert measured >= 5.0, measured
-    assert predicted >= 1.5, predicted
+    assert predicted >= 2.0, predicted

@@ -187,40 +187,54 @@ def test_top_norm_anchor_drops_exactly_what_the_norm_backward_annihilates(norm):
     assert top_norm_passed_gradient(pre, raw, y) is raw
 
 
-def test_post_ln_shared_gradient_takes_the_typical_norm_gain():
-    """Post-LN: the part of the gradient's token covariance shared across sequences crosses
-    each norm at the typical gain 1/E[sigma^2] (`typical_norm_gain`), the rest at the
-    mean-field one; with no shared part nothing changes, and Pre-LN ignores it."""
-    L = 16
-    shared = 0.3 * np.ones((L, L))
-    cov = shared + 0.5 * np.eye(L)
+def test_post_ln_norm_keeps_only_the_token_specific_jensen_boost():
+    """Post-LN norms cross the gradient at the one-model gain (`typical_norm_gain`):
+    1/E[sigma^2] when the norm's input is common to all sequences (rho = 1), and
+    (1 + 2/(d - 1))/E[sigma^2] for LayerNorm, the mean-field E[1/sigma^2] without projection
+    loss, when tokens of different sequences are uncorrelated and the input is Gaussian
+    (kappa = 1: layer 0's attention sublayer, below any norm). The within- and cross-sequence
+    covariances take the same gain; Pre-LN ignores the cross-sequence input."""
+    L, d = 16, 64
+    cov = 0.3 * np.ones((L, L)) + 0.5 * np.eye(L)
     for placement in ("post", "pre"):
-        cfg = ModelConfig(num_layers=2, d_model=64, num_heads=2, d_ff=256, max_len=L)
+        cfg = ModelConfig(num_layers=2, d_model=d, num_heads=2, d_ff=256, max_len=L)
         cfg = dataclasses.replace(cfg, norm_placement=placement)
-        sublayer = decoder_sublayers(cfg, build_scheme({"name": "xavier"}, cfg), 1, L)[1]
-        _, cache = sublayer.forward(Signal(0.0, 1.0, 0.9))
+        attn = decoder_sublayers(cfg, build_scheme({"name": "xavier"}, cfg), 0, L)[0]
+        norm_only = dataclasses.replace(attn, beta=0.0)  # the residual path: lam^2 x norm
+        x = Signal(0.0, 1.7, 0.9)
+        _, cache = norm_only.forward(x)
         norm_input = np.full(L, cache[1].var)
-        args = (cache, cov, norm_input)
-        plain = sublayer.backward_covariance(*args)[0]
-        np.testing.assert_array_equal(
-            sublayer.backward_covariance(*args, shared=np.zeros((L, L)))[0], plain
-        )
-        with_shared = sublayer.backward_covariance(*args, shared=shared)[0]
+        gains = {}
+        for rho in (1.0, 0.0):
+            within = norm_only.backward_covariance(cache, cov, norm_input, None, rho * x.var)[0]
+            cross = norm_only.backward_cross(cache, cov, norm_input, rho * x.var)[0]
+            np.testing.assert_allclose(within, cross, rtol=1e-12)
+            gains[rho] = within / cov
         if placement == "pre":
-            np.testing.assert_array_equal(with_shared, plain)
+            np.testing.assert_array_equal(gains[1.0], gains[0.0])
             continue
-        assert not np.allclose(with_shared, plain)
-        norm_only = dataclasses.replace(sublayer, beta=0.0)  # the residual path: lam^2 x norm
-        typical = norm_only.norm_typical_gain(cache[1])
-        mean_field = norm_only.backward_covariance(cache, cov - shared, norm_input)[0]
-        np.testing.assert_allclose(
-            norm_only.backward_covariance(*args, shared=shared)[0],
-            mean_field + norm_only.lam**2 * typical * shared,
-            rtol=1e-12,
-        )
-        np.testing.assert_allclose(
-            norm_only.backward_cross(cache, shared, norm_input)[0],
-            norm_only.lam**2 * typical * shared,
-            rtol=1e-12,
-        )
-        assert np.isclose(typical, 1.0 / (cache[1].var + cfg.norm_eps))
+        unit = norm_only.lam**2 / (cache[1].var + cfg.norm_eps)
+        np.testing.assert_allclose(gains[1.0], unit, rtol=1e-12)
+        np.testing.assert_allclose(gains[0.0], unit * (1 + 2 / (d - 1)), rtol=1e-12)
+
+
+def test_ffn_cross_sequence_gradient_takes_the_cross_sequence_relu_overlap():
+    """The FFN's backward on the gradient covariance between sequences uses the correlation
+    between sequences at its input: at the within-sequence correlation it is the within-
+    sequence covariance gain, and it falls as the sequences decorrelate (fewer ReLU units
+    active in both; shattered gradients)."""
+    L, d = 8, 64
+    cfg = ModelConfig(num_layers=2, d_model=d, num_heads=2, d_ff=256, max_len=L)
+    ffn = decoder_sublayers(cfg, build_scheme({"name": "xavier"}, cfg), 1, L)[1]
+    ffn_only = dataclasses.replace(ffn, lam=0.0)  # the branch path alone
+    x = Signal(0.0, 1.0, 0.8)
+    _, cache = ffn_only.forward(x)
+    h = cache[1]
+    cross = np.ones((L, L))
+    gains = [
+        ffn_only.backward_cross(cache, cross, np.full(L, x.var), c * h.var)[0][0, 0]
+        for c in (h.corr, 0.5, 0.0)
+    ]
+    within = ffn_only.backward_covariance(cache, cross, np.full(L, x.var))[0][0, 1]
+    assert np.isclose(gains[0], within, rtol=1e-9)
+    assert gains[0] > gains[1] > gains[2] > 0
