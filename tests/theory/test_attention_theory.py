@@ -26,6 +26,7 @@ from deepscale_jax.theory.measure import (
     case_errors,
     percentiles,
 )
+from deepscale_jax.theory.softmax_functionals import softmax_functionals
 
 AUTHORS_P90 = {name: p[1] for name, p in AUTHORS_PERCENTILES["SHA"].items()}
 
@@ -110,7 +111,7 @@ def test_mha_uniform_limit_causal_harmonic():
 def test_softmax_functional_matches_lognormal_limit():
     """Large L: E sum P^2 = e^tau / L (theory.md 1.6, "approx")."""
     for tau in (0.1, 1.0, 2.0):
-        m2 = theory.softmax_functionals(tau, 1e9, 20000, False, math.inf)["M2"][0]
+        m2 = softmax_functionals(tau, 1e9, 20000, False, math.inf)["M2"][0]
         np.testing.assert_allclose(m2 * 20000, math.exp(tau), rtol=0.02)
 
 
