@@ -23,6 +23,7 @@ from deepscale_jax.nn.norms import partial_features
 from deepscale_jax.theory import attention, components
 from deepscale_jax.theory.measure import Grad, Signal
 from deepscale_jax.theory.token_correlation import forward_covariance
+from deepscale_jax.theory.typical import typical_merge_factor, typical_norm_gain
 from deepscale_jax.theory.weight_gradients import (
     attention_weight_grad_sq,
     cross_tokenwise,
@@ -98,38 +99,6 @@ def _norm_maps(cfg: ModelConfig, scale: float) -> tuple[Forward, Backward, Typic
     return forward, backward, lambda x, specific: typical_norm_gain(cfg, scale, x, specific)
 
 
-def statistic_relative_variance(cfg: ModelConfig, x: Signal) -> float:
-    """Var(q) / E[q]^2 of a norm's statistic q for Gaussian input x (per feature N(mu, s^2)):
-    q = |x - mean|^2 / d for LayerNorm (n = d - 1 degrees of freedom, mu removed), |x|^2 / n
-    over the n = d features of RMSNorm and ScaleNorm, the first n = k of pRMSNorm:
-        Var q / E[q]^2 = (4 mu^2 s^2 + 2 s^4) / (n (mu^2 + s^2)^2)   (2/n at mu = 0)."""
-    if cfg.norm == "none":
-        return 0.0
-    mu2 = 0.0 if cfg.norm == "layer_norm" else x.mean**2
-    n = {"layer_norm": cfg.d_model - 1, "prms_norm": None}.get(cfg.norm, cfg.d_model)
-    if n is None:
-        n = partial_features(cfg.d_model, cfg.norm_partial_fraction)
-    return (4 * mu2 * x.var + 2 * x.var**2) / (n * (mu2 + x.var) ** 2)
-
-
-def typical_norm_gain(cfg: ModelConfig, scale: float, x: Signal, specific: float) -> float:
-    """A Post-LN norm's backward gain in one model, on a gradient orthogonal to its output:
-        scale^2 / E[q] * (1 + specific * Var q / E[q]^2)     (q: `statistic_relative_variance`).
-    No projection loss: each block is homogeneous of degree 1 in its input and the norm is
-    scale-invariant, so the gradient reaching a Post-LN norm is already orthogonal to its
-    output. The mean-field gain's E[1/q] = (1 + Var q / E[q]^2) / E[q] (delta method; LayerNorm:
-    d/(s^2 (d - 3)), components.layernorm_backward) averages over independent draws of q per
-    token; in one model the part of q's fluctuation common to all tokens of all sequences is a
-    single draw per sublayer, whose typical (geometric-mean) effect on the gradient over many
-    sublayers is 1/E[q], and only the token-specific part, the fraction `specific`
-    (`Sublayer.specific_fluctuation`), averages over tokens into the mean-field boost."""
-    if cfg.norm == "none":
-        return scale**2
-    second = x.var if cfg.norm == "layer_norm" else x.var + x.mean**2
-    eps = 0.0 if cfg.norm == "scale_norm" else cfg.norm_eps
-    return scale**2 / (second + eps) * (1 + specific * statistic_relative_variance(cfg, x))
-
-
 @dataclasses.dataclass(frozen=True)
 class Sublayer:
     """One residual sublayer's moment maps: branch f, norm, dropout p, coefficients, placement."""
@@ -151,6 +120,7 @@ class Sublayer:
     normalizes: bool = True  # the norm divides by its input's std (not the identity)
     norm_typical_gain: TypicalGain | None = None  # `typical_norm_gain`, from `_norm_maps`
     input_on_sphere: bool = False  # the input is a norm output (fixed |x|): Post-LN after layer 0
+    branch_width: int = 0  # units between the branch's two random matrices; 0: one matrix
 
     def norm_input_kappa(self, x: Signal, b: Signal) -> float:
         """Fluctuation of the squared norm of a Post-LN merge lam x + beta Drop(b), in units of
@@ -272,7 +242,9 @@ class Sublayer:
         gains, the attention branch mixes tokens (attention.mha_backward_covariance), and the
         norm divides token i's gradient by its own input std (`norm_input_var`, per token).
         `corr`: the (L, L) token correlation at the branch input (token_correlation.py).
-        Returns (covariance at the sublayer input, covariance at the branch output).
+        Returns the covariance at the sublayer input, the covariance at the branch output and
+        the branch's share c = beta^2 tr(branch path) / lam^2 tr(residual path) of the
+        gradient energy at the merge (`typical.merge_relative_variance`).
 
         Post-LN norms apply the one-model gain `typical_norm_gain` to the whole covariance,
         given the cross-sequence covariance `input_cross` at the sublayer input (what makes
@@ -297,16 +269,23 @@ class Sublayer:
         def dropout(b: Signal, c: np.ndarray) -> np.ndarray:
             return tokenwise(lambda g: components.dropout_backward(b, g, p=self.p), c)
 
+        def merge(residual: np.ndarray, branch: np.ndarray) -> np.ndarray:
+            return self.lam**2 * residual + self.beta**2 * branch
+
+        def share(residual: np.ndarray, branch: np.ndarray) -> float:
+            through = self.lam**2 * np.trace(residual)
+            return float(self.beta**2 * np.trace(branch) / through) if through > 0 else 0.0
+
         if self.placement == "pre":
             x, h, b = cache
             g_b = dropout(b, cov)
             g_branch = norm(x, self._branch_covariance(h, g_b, corr))
-            return self.lam**2 * cov + self.beta**2 * g_branch, self.beta**2 * g_b
+            return merge(cov, g_branch), self.beta**2 * g_b, share(cov, g_branch)
         x, merged, b = cache
         g_merged = norm(merged, cov)
         g_b = dropout(b, g_merged)
         g_branch = self._branch_covariance(x, g_b, corr)
-        return self.lam**2 * g_merged + self.beta**2 * g_branch, self.beta**2 * g_b
+        return merge(g_merged, g_branch), self.beta**2 * g_b, share(g_merged, g_branch)
 
     def forward_cross(self, cache: tuple, cross: float) -> tuple[float, float]:
         """Covariance between tokens of two different sequences after the sublayer, from that
@@ -434,6 +413,7 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
             lambda x, g: attention.mha_backward(x, g, **attn_kw),
             **common,
             input_on_sphere=on_sphere and layer > 0,
+            branch_width=cfg.d_model,  # sum over heads of W_v^h W_o^h: H d_head = d units
             branch_backward_covariance=lambda x, c, corr: attention.mha_backward_covariance(
                 x, c, corr=corr, **attn_kw
             ),
@@ -450,6 +430,7 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
             lambda x, g: components.ffn_backward(x, g, **ffn_kw),
             **common,
             input_on_sphere=on_sphere,
+            branch_width=cfg.d_ff // 2,  # the active half of the units (ReLU; GeLU about)
             branch_weight_grads=lambda *a: ffn_weight_grad_sq(*a, **ffn_kw),
         ),
     ]
@@ -494,6 +475,10 @@ def predict_lm(
     and the per-layer weight-gradient norms for `batch` sequences are predicted as well
     (weight_gradients.py), from the cross-sequence moments anchored at `x0_cross` (the stack
     input's covariance between sequences) and `g_top_cross` ((L, L), the top gradient's).
+    The position-resolved prediction is that of one typical model: Post-LN norms cross at their
+    one-model gain and each residual merge multiplies the gradient energy by its typical
+    realised gain (typical.py), so that it compares with single models and with geometric
+    means over init seeds.
     """
     forward, caches = _forward(cfg, scheme, seq_len, x0)
     g, grads = g_top, [g_top]
@@ -516,16 +501,20 @@ def predict_lm(
         g = sublayer.backward(cache, g)
         if covs is not None:
             norm_input = norm_input_vars[index]
-            cov, branch = sublayer.backward_covariance(
+            cov, branch, share = sublayer.backward_covariance(
                 cache, covs[-1], norm_input, corrs[index], input_crosses[index]
+            )
+            typical = typical_merge_factor(
+                share, cfg.d_model, sublayer.branch_width, covs[-1], grad_cross, batch
             )
             grad_cross, branch_cross = sublayer.backward_cross(
                 cache, grad_cross, norm_input, input_crosses[index]
             )
-            covs.append(cov)
             weight_sq[index // 2] += sublayer.weight_grad_sq(
                 cache, branch, batch, input_crosses[index], branch_cross
             )
+            covs.append(cov * typical)
+            grad_cross = grad_cross * typical
         if index % 2 == 0:  # the input of an attention sublayer = the output of a layer
             grads.append(g)
     grads.reverse()
