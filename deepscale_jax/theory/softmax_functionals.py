@@ -1,6 +1,6 @@
 r"""Softmax functionals of n i.i.d. logits, the quadratures behind theory/attention.py.
 
-Source: theory.md 1.6 (softmax at initialization); the attention maps' module docstring, step 2.
+Source: theory.md 1.6 (softmax at initialization); used by attention.py (its step 2 and on).
 Logits z_1..z_n of one query row are i.i.d. with variance tau: N(0, tau) for Gaussian inputs,
 or a sphere projection (density ~ (1 - z^2/(m tau))^((m-3)/2)) for LayerNorm inputs. With
 P = softmax(z) and S = sum e^z, every functional used is exact at any tau and n: since
