@@ -157,16 +157,25 @@ def format_table(results: list[dict]) -> str:
 
 
 def format_ensembles(ensembles: list[dict]) -> str:
-    """Per variant: the theory's max error against the seed-mean measured curves, and the
-    range of the single seeds' max errors (%)."""
-    lines = [f"seed means ({len(ensembles[0]['seeds'])} seeds): max error, (single seeds)"]
+    """Per variant: the theory's max error against the seed-mean measured curves, the range
+    of the single seeds' max errors (%) and, for the scale quantities, the largest standard
+    error of the seed mean's log error over layers."""
+    lines = [
+        f"seed means ({len(ensembles[0]['seeds'])} seeds): max error, (single seeds)"
+        " [standard error of the log error, max over layers]"
+    ]
+
+    def standard_error(stats: dict) -> str:
+        se = stats["log_error_standard_error"]
+        return "" if se is None else f" [{max(se):.2f}]"
+
     for e in ensembles:
         cells = ", ".join(
             f"{q} -"
             if e[q] is None
             else f"{q} {100 * e[q]['max_rel_error']:.1f} "
             f"({100 * min(e[q]['per_seed_max_rel_error']):.0f}"
-            f"-{100 * max(e[q]['per_seed_max_rel_error']):.0f})"
+            f"-{100 * max(e[q]['per_seed_max_rel_error']):.0f}){standard_error(e[q])}"
             for q in ENSEMBLE_QUANTITIES
         )
         lines.append(f"  {e['scheme']:<9}{e['placement'] + '-LN':<9}{cells}")
