@@ -65,9 +65,8 @@ def inverse_participation(cov: np.ndarray, cross: np.ndarray, batch: int) -> flo
     total = (batch * np.trace(cov)) ** 2
     if total <= 0:
         return 0.0
-    square = batch * (np.sum(a * a.T) + 2 * np.sum(a * cross.T)) + batch**2 * np.sum(
-        cross * cross.T
-    )
+    within = np.sum(a * a.T) + 2 * np.sum(a * cross.T)  # tr A^2 + 2 tr(A cross)
+    square = batch * within + batch**2 * np.sum(cross * cross.T)
     return float(square / total)
 
 
