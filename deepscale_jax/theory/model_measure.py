@@ -149,6 +149,7 @@ def measure_lm(
     grad_var, grad_corr = _stack_profile(grad_streams)
     by_position = np.asarray([np.var(np.asarray(s), axis=(0, 2)) for s in grad_streams])
     anchor = top_norm_passed_gradient(model.config, grad_streams[-1], streams[-1])
+
     return Profile(
         var,
         corr,
@@ -158,7 +159,7 @@ def measure_lm(
         by_position,
         token_covariance(anchor),
         cross_sequence_covariance(anchor),
-        float(np.mean(cross_sequence_covariance(streams[0]))),
+        cross_sequence_covariance(streams[0]),
     )
 
 

@@ -108,6 +108,32 @@ def test_mha_uniform_limit_causal_harmonic():
     np.testing.assert_allclose(near.var, out.var, rtol=1e-3)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_sequence_covariance_passes_through_each_sequences_mean_attention(causal):
+    """Uniform attention (sigma_q = 0) on two sequences: a covariance shared by all pairs of
+    their tokens passes whole (rows sum to 1); an excess P_j between tokens at the same
+    position j reaches row t as sum_j P_j / n_t^2 (n_t keys seen), the whole P_0 at a causal
+    stack's token 0."""
+    d, heads, length, shared = 64, 4, 10, 0.3
+    kw = {"d": d, "heads": heads, "L": length, "sigma_k": 0.1, "sigma_v": 0.1, "sigma_o": 0.125}
+    same = np.linspace(1.0, 2.0, length)
+    out = theory.mha_cross_covariance(
+        Signal(0.0, 1.0, 0.3),
+        shared + np.diag(same),
+        np.full((length, length), 0.3) + 0.7 * np.eye(length),
+        **kw,
+        sigma_q=0.0,
+        p_attn=0.0,
+        causal=causal,
+    )
+    gain = d * 0.1**2 * d * 0.125**2
+    seen = np.arange(1, length + 1) if causal else np.full(length, length)
+    excess = [same[:n].sum() / n**2 for n in seen] if causal else same.sum() / seen**2
+    np.testing.assert_allclose(np.diag(out), gain * (shared + np.asarray(excess)), rtol=1e-9)
+    if causal:
+        np.testing.assert_allclose(out[0, 0], gain * (shared + same[0]), rtol=1e-9)
+
+
 def test_softmax_functional_matches_lognormal_limit():
     """Large L: E sum P^2 = e^tau / L (theory.md 1.6, "approx")."""
     for tau in (0.1, 1.0, 2.0):

@@ -9,6 +9,10 @@ import pytest
 
 from experiments import init_moments
 
+# 12-seed geometric mean of the measured Xavier Post-LN last/first weight-gradient ratio, 24
+# layers, d = 128 (seeds 0-11; experiments/README.md)
+TYPICAL_POST_LN_RATIO_24L = 2.19
+
 
 @pytest.fixture(scope="module")
 def text(data_dir):
@@ -59,11 +63,11 @@ def test_xavier_pre_ln_variance_grows_with_depth(runs):
 
 def test_xavier_post_ln_weight_gradients_shrink_toward_the_input(runs):
     """The diagnosis, Post-LN: per-layer weight-gradient norms shrink toward the input (last /
-    first >= 5 measured at 24 layers). At this depth the theory gets the direction but not
-    the size (2.8x against 5.8x for this seed; 3.4x against 2.5x at 96 layers over 4
-    seeds and 3.6x against 4.6x at 192 layers, experiments/README.md): asserted as a shrink
-    of at least 2x."""
+    first >= 5 measured at 24 layers for this seed). The theory predicts the typical model:
+    its ratio (2.1x here, 1.8-2.2x over seeds) is asserted within 25% of the measured
+    geometric mean over 12 init seeds, 2.19x, whose single ratios run from 0.97x to this
+    seed's 5.8x (experiments/README.md)."""
     measured = runs("xavier", "post")["laws_measured"]["wg_last_over_first"]
     predicted = runs("xavier", "post")["laws_predicted"]["wg_last_over_first"]
     assert measured >= 5.0, measured
-    assert predicted >= 2.0, predicted
+    assert abs(predicted / TYPICAL_POST_LN_RATIO_24L - 1) <= 0.25, predicted
