@@ -33,7 +33,7 @@ from deepscale_jax.models.mlm import EncoderMLM
 from deepscale_jax.schemes import SCHEMES, build_scheme
 from deepscale_jax.theory.model import Profile
 from deepscale_jax.theory.model_measure import predicted_and_measured
-from experiments.signal_propagation import seed_ensemble, text_batch
+from experiments.signal_propagation import check_width, model_config, seed_ensemble, text_batch
 
 MODEL = ModelConfig(num_layers=96, d_model=128, num_heads=4, d_ff=512, max_len=128)
 STATISTICS = (
@@ -100,9 +100,11 @@ def run_variant(
     targets: jax.Array,
     model_kind: str = "lm",
     seed: int = 0,
+    d_model: int = MODEL.d_model,
 ) -> dict:
-    """Measured and predicted per-layer moments of one (scheme, norm, placement) at init."""
-    cfg = dataclasses.replace(MODEL, num_layers=layers, norm=norm, norm_placement=placement)
+    """Measured and predicted per-layer moments of one (scheme, norm, placement) at init, at
+    width `d_model` (d_ff = 4 d_model)."""
+    cfg = dataclasses.replace(model_config(layers, placement, d_model), norm=norm)
     weights = None
     if model_kind == "mlm":
         cfg = dataclasses.replace(cfg, architecture="encoder_only", vocab_size=VOCAB_SIZE)
@@ -122,6 +124,7 @@ def run_variant(
         "norm": norm,
         "placement": placement,
         "layers": layers,
+        "d_model": d_model,
         "seed": seed,
         "measured": {k: getattr(measured, k).tolist() for k in keep},
         "predicted": {k: getattr(predicted, k).tolist() for k in keep},
@@ -217,6 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=96)
     parser.add_argument("--model", choices=("lm", "mlm"), default="lm")
+    parser.add_argument(
+        "--d_model", type=int, default=MODEL.d_model, help="width (d_ff = 4 d_model, 4 heads)"
+    )
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated names")
     parser.add_argument("--out", default=None, help="JSON file for the per-layer results")
     parser.add_argument("--figdir", default="experiments/figures")
@@ -227,6 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    check_width(parser, args.d_model)
     names = [n for n in args.schemes.split(",") if n]
     unknown = sorted(set(names) - set(SCHEMES))
     if unknown:
@@ -240,7 +247,17 @@ def main() -> None:
     for scheme, norm, placement in variants(names):
         start = time.perf_counter()
         runs = [
-            run_variant(scheme, norm, placement, args.layers, tokens, targets, args.model, seed)
+            run_variant(
+                scheme,
+                norm,
+                placement,
+                args.layers,
+                tokens,
+                targets,
+                args.model,
+                seed,
+                args.d_model,
+            )
             for seed in range(args.seeds)
         ]
         results.append(runs[0])
@@ -251,7 +268,9 @@ def main() -> None:
     if ensembles:
         print(format_ensembles(ensembles))
     os.makedirs(args.figdir, exist_ok=True)
-    suffix = "" if args.model == "lm" else f"_{args.model}"
+    suffix = ("" if args.model == "lm" else f"_{args.model}") + (
+        "" if args.d_model == MODEL.d_model else f"_d{args.d_model}"
+    )
     path = os.path.join(args.figdir, f"init_moments_{args.layers}l{suffix}.png")
     plot(results, path)
     print(f"figure: {path}")

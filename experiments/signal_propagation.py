@@ -109,6 +109,19 @@ def text_batch(batch: int, seq_len: int, data_dir: str | None) -> tuple[jax.Arra
 MODEL = ModelConfig(num_layers=48, d_model=128, num_heads=4, d_ff=512, max_len=128)
 
 
+def check_width(parser: argparse.ArgumentParser, d_model: int) -> None:
+    """--d_model must split into MODEL's heads."""
+    if d_model < MODEL.num_heads or d_model % MODEL.num_heads:
+        parser.error(f"--d_model must be a positive multiple of {MODEL.num_heads}, got {d_model}")
+
+
+def model_config(layers: int, placement: str, d_model: int = MODEL.d_model) -> ModelConfig:
+    """MODEL at `layers` and width `d_model` (d_ff = 4 d_model, 4 heads)."""
+    return dataclasses.replace(
+        MODEL, num_layers=layers, norm_placement=placement, d_model=d_model, d_ff=4 * d_model
+    )
+
+
 def whole_model(
     layers: int,
     placement: str,
@@ -116,8 +129,9 @@ def whole_model(
     targets: jax.Array,
     scheme: str = "xavier",
     seed: int = 0,
+    d_model: int = MODEL.d_model,
 ) -> dict:
-    cfg = dataclasses.replace(MODEL, num_layers=layers, norm_placement=placement)
+    cfg = model_config(layers, placement, d_model)
     model = DecoderLM(cfg, build_scheme({"name": scheme}, cfg))
     import flax.linen as nn
 
@@ -127,6 +141,7 @@ def whole_model(
         "placement": placement,
         "scheme": scheme,
         "layers": layers,
+        "d_model": d_model,
         "seed": seed,
         "predicted": predicted.to_json(),
         "measured": measured.to_json(),
@@ -286,6 +301,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the percentile table")
     parser.add_argument("--figdir", default="experiments/figures")
     parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument(
+        "--d_model", type=int, default=MODEL.d_model, help="width (d_ff = 4 d_model, 4 heads)"
+    )
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (Shakespeare)")
     parser.add_argument("--skip_components", action="store_true")
     parser.add_argument("--skip_model", action="store_true")
@@ -295,6 +313,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    check_width(parser, args.d_model)
 
     if not args.skip_components:
         start = time.perf_counter()
@@ -311,12 +330,18 @@ def main() -> None:
         prepare_shakespeare(args.data_dir)
         tokens, targets = text_batch(16, MODEL.max_len, args.data_dir)
         runs = {
-            p: [whole_model(args.layers, p, tokens, targets, seed=s) for s in range(args.seeds)]
+            p: [
+                whole_model(args.layers, p, tokens, targets, seed=s, d_model=args.d_model)
+                for s in range(args.seeds)
+            ]
             for p in ("pre", "post")
         }
         results = [seeds[0] for seeds in runs.values()]
         os.makedirs(args.figdir, exist_ok=True)
-        path = os.path.join(args.figdir, f"signal_propagation_{args.layers}l.png")
+        stem = f"signal_propagation_{args.layers}l" + (
+            "" if args.d_model == MODEL.d_model else f"_d{args.d_model}"
+        )
+        path = os.path.join(args.figdir, f"{stem}.png")
         plot_whole_model(results, path)
         for r in results:
             print(
@@ -340,11 +365,11 @@ def main() -> None:
                         for q in ENSEMBLE_QUANTITIES
                     )
                 )
-            seeds_path = os.path.join(args.figdir, f"signal_propagation_{args.layers}l_seeds.png")
+            seeds_path = os.path.join(args.figdir, f"{stem}_seeds.png")
             plot_ensembles(ensembles, args.layers, seeds_path)
             record["ensembles"] = ensembles
             print(f"figure: {seeds_path}")
-        with open(os.path.join(args.figdir, f"signal_propagation_{args.layers}l.json"), "w") as f:
+        with open(os.path.join(args.figdir, f"{stem}.json"), "w") as f:
             json.dump(record, f, indent=1)
         print(f"figure: {path}")
 
