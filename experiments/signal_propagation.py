@@ -153,6 +153,7 @@ def whole_model(
         "max_rel_error_weight_grad_norm": max_relative_error(
             predicted.weight_grad_norm, measured.weight_grad_norm
         ),
+        "max_rel_error_cross": max_relative_error(predicted.cross[1:], measured.cross[1:]),
         "token_groups": {
             kind: token_group_profile(profile.grad_var_by_position)
             for kind, profile in (("predicted", predicted), ("measured", measured))
@@ -160,7 +161,7 @@ def whole_model(
     }
 
 
-ENSEMBLE_QUANTITIES = ("var", "grad_var", "weight_grad_norm")
+ENSEMBLE_QUANTITIES = ("var", "grad_var", "weight_grad_norm", "cross")
 ARITHMETIC = {"corr"}  # averaged plainly; the scale quantities spread multiplicatively
 
 
@@ -349,7 +350,8 @@ def main() -> None:
                 f"forward var {100 * r['max_rel_error_var']:.1f}%, "
                 f"gradient var {100 * r['max_rel_error_grad_var']:.1f}% "
                 f"({100 * r['max_rel_error_grad_var_above_2']:.1f}% from layer 2 up), "
-                f"weight-gradient norm {100 * r['max_rel_error_weight_grad_norm']:.1f}%"
+                f"weight-gradient norm {100 * r['max_rel_error_weight_grad_norm']:.1f}%, "
+                f"covariance between sequences {100 * r['max_rel_error_cross']:.1f}%"
             )
         record = {"seed_0": results}
         if args.seeds > 1:
@@ -363,6 +365,7 @@ def main() -> None:
                         f"-{100 * max(e[q]['per_seed_max_rel_error']):.0f}%; standard error "
                         f"of the log up to {max(e[q]['log_error_standard_error']):.2f})"
                         for q in ENSEMBLE_QUANTITIES
+                        if e[q] is not None  # a quantity with non-positive values: no geomean
                     )
                 )
             seeds_path = os.path.join(args.figdir, f"{stem}_seeds.png")

@@ -40,6 +40,7 @@ class Profile:
     grad_corr: np.ndarray
     weight_grad_norm: np.ndarray | None = None
     grad_var_by_position: np.ndarray | None = None  # (N + 1, L)
+    cross: np.ndarray | None = None  # (N + 1,) mean covariance between tokens of two sequences
     top_grad_covariance: np.ndarray | None = None  # (L, L), measured: the backward anchor
     top_grad_cross: np.ndarray | None = None  # (L, L) across sequences, measured only
     embed_cross: np.ndarray | None = None  # (L, L) between sequences at the stack input, measured
@@ -105,8 +106,10 @@ def predict_lm(
     covs = None if g_top_covariance is None else [np.asarray(g_top_covariance, float)]
     norm_input_vars, input_crosses, corrs = [], [], []
     stream = [(s.var, s.corr) for s in forward]
+    stream_cross = None
     if covs is not None:
         cross = np.broadcast_to(np.asarray(x0_cross, float), (seq_len, seq_len))
+        stream_cross = [off_diagonal_mean(cross)]
         tokens = x0.var * (x0.corr + (1 - x0.corr) * np.eye(seq_len))
         for index, (sublayer, cache) in enumerate(caches):
             token_var = np.diag(tokens).copy()
@@ -117,6 +120,8 @@ def predict_lm(
             corrs.append(corr)
             cross, input_cross = sublayer.forward_cross(cache, cross, corr, token_var, norm_input)
             input_crosses.append(input_cross)
+            if index % 2 == 1:
+                stream_cross.append(off_diagonal_mean(cross))
         grad_cross = np.zeros((seq_len, seq_len)) if g_top_cross is None else g_top_cross
     weight_sq = np.zeros(cfg.num_layers)
     for index in range(len(caches) - 1, -1, -1):
@@ -156,4 +161,5 @@ def predict_lm(
         grad_corr=np.asarray([g.corr for g in grads]),
         weight_grad_norm=weight_grad_norm,
         grad_var_by_position=per_position,
+        cross=None if stream_cross is None else np.asarray(stream_cross),
     )

@@ -1,7 +1,8 @@
 """Whole-model signal propagation, measured: the per-layer moments of the real LM at
 initialization, and the prediction of model.py anchored on them.
 
-Measured: the residual-stream variance and inter-token correlation after each layer (read
+Measured: the residual-stream variance, inter-token correlation and mean covariance between
+the tokens of two sequences after each layer (read
 through the `sow` hooks of nn/block.py), the gradient of the loss w.r.t. that stream (through
 its `perturb` hooks) and per-layer weight-gradient norms, of a real `DecoderLM` or
 `EncoderMLM` under its cross-entropy loss. `predicted_and_measured` runs theory/model.py's
@@ -30,6 +31,7 @@ from deepscale_jax.theory.measure import (
     token_covariance,
 )
 from deepscale_jax.theory.model import Profile, predict_lm
+from deepscale_jax.theory.token_correlation import off_diagonal_mean
 
 WEIGHT_NAMES = ("kernel",)
 
@@ -149,7 +151,7 @@ def measure_lm(
     grad_var, grad_corr = _stack_profile(grad_streams)
     by_position = np.asarray([np.var(np.asarray(s), axis=(0, 2)) for s in grad_streams])
     anchor = top_norm_passed_gradient(model.config, grad_streams[-1], streams[-1])
-
+    cross = [cross_sequence_covariance(s) for s in streams]
     return Profile(
         var,
         corr,
@@ -157,9 +159,10 @@ def measure_lm(
         grad_corr,
         weight_grad_norms(param_grads, num_layers),
         by_position,
+        np.asarray([off_diagonal_mean(c) for c in cross]),
         token_covariance(anchor),
         cross_sequence_covariance(anchor),
-        cross_sequence_covariance(streams[0]),
+        cross[0],
     )
 
 
