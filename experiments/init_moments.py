@@ -27,15 +27,15 @@ import jax
 import numpy as np
 
 from deepscale_jax.data.mlm import MASK_ID, VOCAB_SIZE, MaskingRates, mask_row
-from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
 from deepscale_jax.models.mlm import EncoderMLM
 from deepscale_jax.schemes import SCHEMES, build_scheme
 from deepscale_jax.theory.model import Profile
 from deepscale_jax.theory.model_measure import predicted_and_measured
+from experiments import signal_propagation
 from experiments.signal_propagation import check_width, model_config, seed_ensemble, text_batch
 
-MODEL = ModelConfig(num_layers=96, d_model=128, num_heads=4, d_ff=512, max_len=128)
+MODEL = dataclasses.replace(signal_propagation.MODEL, num_layers=96)
 STATISTICS = (
     ("var", "residual variance"),
     ("corr", "inter-token correlation"),

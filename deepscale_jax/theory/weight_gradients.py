@@ -45,11 +45,17 @@ def second_moments(x: Signal, length: int, row_var: np.ndarray | None = None) ->
     return off * np.ones((length, length)) + np.diag(np.broadcast_to(diag - off, (length,)))
 
 
+def _gains(backward: Callable[[Grad], Grad]) -> tuple[float, float]:
+    """(variance gain, covariance gain) of a token-wise linear backward map, read off the
+    mean-field map on a probe gradient of unit variance and correlation 1/2."""
+    probe = backward(Grad(1.0, 0.5))
+    return probe.var, probe.cov / 0.5
+
+
 def tokenwise(backward: Callable[[Grad], Grad], cov: np.ndarray) -> np.ndarray:
     """A token-wise linear backward map applied to a token covariance matrix: its variance gain
     on the diagonal, its covariance gain off it (both read off the mean-field map)."""
-    probe = backward(Grad(1.0, 0.5))
-    var_gain, cov_gain = probe.var, probe.cov / 0.5
+    var_gain, cov_gain = _gains(backward)
     return cov_gain * cov + (var_gain - cov_gain) * np.diag(np.diag(cov))
 
 
@@ -74,14 +80,13 @@ def cross_tokenwise_gain(backward: Callable[[Signal, Grad], Grad], pair: Signal)
     """A token-wise backward map's gain on the gradient covariance of two tokens whose inputs
     have the moments `pair` (e.g. of two sequences): its covariance gain, read off the
     mean-field map."""
-    return backward(pair, Grad(1.0, 0.5)).cov / 0.5
+    return _gains(lambda g: backward(pair, g))[1]
 
 
 def cross_tokenwise(backward: Callable[[Grad], Grad], cross: np.ndarray) -> np.ndarray:
     """A token-wise linear backward map on a cross-sequence covariance: every entry pairs two
     different tokens, so all get the map's covariance gain."""
-    probe = backward(Grad(1.0, 0.5))
-    return probe.cov / 0.5 * cross
+    return _gains(backward)[1] * cross
 
 
 def with_cov(x: Signal, cov: float) -> Signal:
