@@ -4,14 +4,16 @@ For each scheme (schemes/) and each norm placement the scheme allows, a decoder 
 `--layers` layers (d=128, 4 heads, byte vocabulary) is initialised and run forward and
 backward on one batch of Shakespeare validation text (`--model mlm`: the bidirectional
 encoder with the masked-LM loss on 15% masked bytes, the setting of the DeepScaleLM paper's
-figures). Per layer: residual-stream variance, inter-token correlation and weight-gradient
-norm, measured (theory/model_measure.py `measure_lm`) and predicted (`predict_lm`, the composed
-moment maps, anchored at the measured embedding output and top-layer gradient). Prints a
-table of the laws, writes JSON (`--out`) and one figure.
+figures; `--dropout 0.1`: their dropout, measured in training mode). Per layer: residual-stream
+variance, inter-token correlation and weight-gradient norm, measured (theory/model_measure.py
+`measure_lm`) and predicted (`predict_lm`, the composed moment maps, anchored at the measured
+embedding output and top-layer gradient). Prints a table of the laws, writes JSON (`--out`)
+and one figure.
 
     python -m experiments.init_moments --out experiments/results/init_moments.json
     python -m experiments.init_moments --layers 192        # the depth of the paper's figures
     python -m experiments.init_moments --model mlm --out experiments/results/init_moments_mlm.json
+    python -m experiments.init_moments --schemes xavier,dslm --dropout 0.1 --seeds 8
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ STATISTICS = (
     ("weight_grad_norm", "weight-gradient norm"),
 )
 ENSEMBLE_QUANTITIES = tuple(name for name, _ in STATISTICS)
+DROPOUT_SEED_OFFSET = 1000  # the masks' key: init seed + this, apart from the init keys
 
 
 def variants(names: list[str]) -> list[tuple[str, str, str]]:
@@ -101,10 +104,15 @@ def run_variant(
     model_kind: str = "lm",
     seed: int = 0,
     d_model: int = MODEL.d_model,
+    dropout: float = 0.0,
 ) -> dict:
     """Measured and predicted per-layer moments of one (scheme, norm, placement) at init, at
-    width `d_model` (d_ff = 4 d_model)."""
-    cfg = dataclasses.replace(model_config(layers, placement, d_model), norm=norm)
+    width `d_model` (d_ff = 4 d_model). `dropout` > 0: hidden and attention dropout at that
+    rate, measured in training mode on one draw of the masks (the authors' setting, p = 0.1;
+    shared/reference/theory.md 2.7), which the schemes' init and the theory both take in."""
+    cfg = dataclasses.replace(
+        model_config(layers, placement, d_model), norm=norm, dropout=dropout, attn_dropout=dropout
+    )
     weights = None
     if model_kind == "mlm":
         cfg = dataclasses.replace(cfg, architecture="encoder_only", vocab_size=VOCAB_SIZE)
@@ -113,7 +121,10 @@ def run_variant(
     model_cls = EncoderMLM if model_kind == "mlm" else DecoderLM
     model = model_cls(cfg, build_scheme({"name": scheme}, cfg))
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
-    predicted, measured = predicted_and_measured(model, params, tokens, targets, weights)
+    dropout_rng = jax.random.PRNGKey(DROPOUT_SEED_OFFSET + seed) if dropout > 0 else None
+    predicted, measured = predicted_and_measured(
+        model, params, tokens, targets, weights, dropout_rng
+    )
     errors = {
         name: max_error(getattr(predicted, name), getattr(measured, name)) for name, _ in STATISTICS
     }
@@ -126,6 +137,7 @@ def run_variant(
         "layers": layers,
         "d_model": d_model,
         "seed": seed,
+        "dropout": dropout,
         "measured": {k: getattr(measured, k).tolist() for k in keep},
         "predicted": {k: getattr(predicted, k).tolist() for k in keep},
         "laws_measured": laws(measured),
@@ -230,7 +242,15 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="init seeds; > 1 adds the seed-mean comparison"
     )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="hidden and attention dropout, measured in training mode (the authors': 0.1)",
+    )
     args = parser.parse_args()
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     check_width(parser, args.d_model)
@@ -257,6 +277,7 @@ def main() -> None:
                 args.model,
                 seed,
                 args.d_model,
+                args.dropout,
             )
             for seed in range(args.seeds)
         ]
@@ -268,8 +289,10 @@ def main() -> None:
     if ensembles:
         print(format_ensembles(ensembles))
     os.makedirs(args.figdir, exist_ok=True)
-    suffix = ("" if args.model == "lm" else f"_{args.model}") + (
-        "" if args.d_model == MODEL.d_model else f"_d{args.d_model}"
+    suffix = (
+        ("" if args.model == "lm" else f"_{args.model}")
+        + ("" if args.d_model == MODEL.d_model else f"_d{args.d_model}")
+        + ("" if args.dropout == 0 else f"_p{args.dropout:g}")
     )
     path = os.path.join(args.figdir, f"init_moments_{args.layers}l{suffix}.png")
     plot(results, path)

@@ -118,21 +118,31 @@ def measure_lm(
     tokens: jax.Array,
     targets: jax.Array,
     weights: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> Profile:
     """Per-layer forward and backward moments of the real LM (decoder LM or encoder MLM) under
     its cross-entropy loss, over the tokens `weights` selects (all by default; the masked
     positions for an MLM).
 
-    Deterministic forward (no dropout); the gradient of the mean token cross-entropy w.r.t. the
-    residual stream after each layer comes from zero perturbations added there.
+    Deterministic forward (no dropout) by default; with `dropout_rng` the training-mode forward
+    with the config's dropout rates, one draw of the masks (the authors' figures: the first
+    training step, dropout 0.1 / 0.1; theory.md 2.7). The gradient of the mean token
+    cross-entropy w.r.t. the residual stream after each layer comes from zero perturbations
+    added there (the same masks in the forward and the backward).
     """
     num_layers = model.config.num_layers
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))
     perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+    training = {}
+    if dropout_rng is not None:
+        training = {"deterministic": False, "rngs": {"dropout": dropout_rng}}
 
     def loss_fn(p: dict, pert: dict) -> tuple[jax.Array, dict]:
         logits, state = model.apply(
-            {"params": p, "perturbations": pert}, tokens, mutable=["intermediates"]
+            {"params": p, "perturbations": pert},
+            tokens,
+            mutable=["intermediates"],
+            **training,
         )
         total, count = token_cross_entropy(logits, targets, weights)
         return total / count, state["intermediates"]
@@ -172,10 +182,13 @@ def predicted_and_measured(
     tokens: jax.Array,
     targets: jax.Array,
     weights: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[Profile, Profile]:
     """(prediction, measurement) for one LM at init; the prediction starts from the measured
-    embedding output and the measured gradient at the top layer (the anchors of the laws)."""
-    measured = measure_lm(model, params, tokens, targets, weights)
+    embedding output and the measured gradient at the top layer (the anchors of the laws).
+    `dropout_rng`: measure in training mode (`measure_lm`); the prediction's dropout maps
+    take the config's rates either way, so pass it whenever the config has dropout."""
+    measured = measure_lm(model, params, tokens, targets, weights, dropout_rng)
     x0 = Signal(0.0, float(measured.var[0]), float(measured.corr[0]))
     g_top = Grad(float(measured.grad_var[-1]), float(measured.grad_corr[-1]))
     predicted = predict_lm(
