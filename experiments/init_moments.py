@@ -197,27 +197,57 @@ def format_ensembles(ensembles: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str) -> None:
+Curves = dict[str, tuple[list, list, tuple[list, list] | None]]
+
+
+def run_curves(result: dict) -> Curves:
+    """statistic -> (measured, predicted, no band) of one run."""
+    return {
+        name: (result["measured"][name], result["predicted"][name], None) for name, _ in STATISTICS
+    }
+
+
+def ensemble_curves(ensemble: dict) -> Curves:
+    """statistic -> (geometric-mean measured, predicted, the single seeds' range) of a seed
+    ensemble (`seed_ensemble`); all zeros where it has nothing to compare (ReZero's weights)."""
+    curves: Curves = {}
+    for name, _ in STATISTICS:
+        c = ensemble[name]
+        if c is None:
+            curves[name] = ([0.0], [0.0], None)
+        else:
+            band = (c["measured_min"], c["measured_max"])
+            curves[name] = (c["measured"], c["predicted"], band)
+    return curves
+
+
+def plot(entries: list[tuple[dict, Curves]], path: str) -> None:
+    """One row per scheme, one panel per statistic: measured (dots; with the seeds' range as a
+    band for a seed ensemble) and predicted (line) per placement. `entries`: (a run or
+    ensemble record, naming scheme, norm and placement; its curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    schemes = list(dict.fromkeys(r["scheme"] for r in results))
+    schemes = list(dict.fromkeys(record["scheme"] for record, _ in entries))
     fig, axes = plt.subplots(
         len(schemes), len(STATISTICS), figsize=(15, 3 * len(schemes)), squeeze=False
     )
     colors = {"pre": "tab:blue", "post": "tab:red"}
     for row, scheme in zip(axes, schemes, strict=True):
-        for r in (r for r in results if r["scheme"] == scheme):
-            label = "no norm" if r["norm"] == "none" else f"{r['placement']}-LN"
+        for record, curves in (e for e in entries if e[0]["scheme"] == scheme):
+            label = "no norm" if record["norm"] == "none" else f"{record['placement']}-LN"
+            color = colors[record["placement"]]
             for ax, (name, title) in zip(row, STATISTICS, strict=True):
-                if not np.any(r["measured"][name]):
+                measured, predicted, band = curves[name]
+                if not np.any(measured):
                     continue  # ReZero's weights get no gradient at init
-                x = np.arange(len(r["measured"][name])) + (name == "weight_grad_norm")
-                color = colors[r["placement"]]
-                ax.plot(x, r["measured"][name], "o", ms=2, color=color, label=f"{label} measured")
-                ax.plot(x, r["predicted"][name], "-", color=color, label=f"{label} predicted")
+                x = np.arange(len(measured)) + (name == "weight_grad_norm")
+                if band is not None:
+                    ax.fill_between(x, *band, color=color, alpha=0.15)
+                ax.plot(x, measured, "o", ms=2, color=color, label=f"{label} measured")
+                ax.plot(x, predicted, "-", color=color, label=f"{label} predicted")
                 ax.set_title(f"{scheme}: {title}")
                 if name != "corr":
                     ax.set_yscale("log")
@@ -284,7 +314,8 @@ def main() -> None:
         results.append(runs[0])
         print(f"  {scheme} {placement}: {time.perf_counter() - start:.0f} s", flush=True)
         if args.seeds > 1:
-            ensembles.append({"scheme": scheme, **seed_ensemble(runs, ENSEMBLE_QUANTITIES)})
+            ensemble = seed_ensemble(runs, ENSEMBLE_QUANTITIES)
+            ensembles.append({"scheme": scheme, "norm": norm, **ensemble})
     print(format_table(results))
     if ensembles:
         print(format_ensembles(ensembles))
@@ -295,8 +326,12 @@ def main() -> None:
         + ("" if args.dropout == 0 else f"_p{args.dropout:g}")
     )
     path = os.path.join(args.figdir, f"init_moments_{args.layers}l{suffix}.png")
-    plot(results, path)
+    plot([(r, run_curves(r)) for r in results], path)
     print(f"figure: {path}")
+    if ensembles:
+        path = os.path.join(args.figdir, f"init_moments_{args.layers}l{suffix}_seeds.png")
+        plot([(e, ensemble_curves(e)) for e in ensembles], path)
+        print(f"figure, {args.seeds}-seed geometric means: {path}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
