@@ -8,7 +8,7 @@ figures; `--dropout 0.1`: their dropout, measured in training mode). Per layer: 
 variance, inter-token correlation and weight-gradient norm, measured (theory/model_measure.py
 `measure_lm`) and predicted (`predict_lm`, the composed moment maps, anchored at the measured
 embedding output and top-layer gradient). Prints a table of the laws, writes JSON (`--out`)
-and one figure.
+and a figure of seed 0 (with `--seeds` > 1 also one of the seeds' geometric means).
 
     python -m experiments.init_moments --out experiments/results/init_moments.json
     python -m experiments.init_moments --layers 192        # the depth of the paper's figures
