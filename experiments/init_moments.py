@@ -197,7 +197,7 @@ def format_ensembles(ensembles: list[dict]) -> str:
     return "\n".join(lines)
 
 
-Curves = dict[str, tuple[list, list, tuple[list, list] | None]]
+Curves = dict[str, tuple[list, list, tuple[list, list] | None] | None]
 
 
 def run_curves(result: dict) -> Curves:
@@ -209,16 +209,17 @@ def run_curves(result: dict) -> Curves:
 
 def ensemble_curves(ensemble: dict) -> Curves:
     """statistic -> (geometric-mean measured, predicted, the single seeds' range) of a seed
-    ensemble (`seed_ensemble`); all zeros where it has nothing to compare (ReZero's weights)."""
-    curves: Curves = {}
-    for name, _ in STATISTICS:
-        c = ensemble[name]
-        if c is None:
-            curves[name] = ([0.0], [0.0], None)
-        else:
-            band = (c["measured_min"], c["measured_max"])
-            curves[name] = (c["measured"], c["predicted"], band)
-    return curves
+    ensemble (`seed_ensemble`); None where it has nothing to compare (ReZero's weights)."""
+    return {
+        name: None
+        if ensemble[name] is None
+        else (
+            ensemble[name]["measured"],
+            ensemble[name]["predicted"],
+            (ensemble[name]["measured_min"], ensemble[name]["measured_max"]),
+        )
+        for name, _ in STATISTICS
+    }
 
 
 def plot(entries: list[tuple[dict, Curves]], path: str) -> None:
@@ -240,9 +241,9 @@ def plot(entries: list[tuple[dict, Curves]], path: str) -> None:
             label = "no norm" if record["norm"] == "none" else f"{record['placement']}-LN"
             color = colors[record["placement"]]
             for ax, (name, title) in zip(row, STATISTICS, strict=True):
-                measured, predicted, band = curves[name]
-                if not np.any(measured):
+                if curves[name] is None or not np.any(curves[name][0]):
                     continue  # ReZero's weights get no gradient at init
+                measured, predicted, band = curves[name]
                 x = np.arange(len(measured)) + (name == "weight_grad_norm")
                 if band is not None:
                     ax.fill_between(x, *band, color=color, alpha=0.15)

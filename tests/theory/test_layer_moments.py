@@ -57,6 +57,17 @@ def stream_below(cfg: ModelConfig, scheme, tokens: jax.Array, at: int) -> jax.Ar
     return state["intermediates"]["decoder"][f"layer_{at - 1:03d}"]["residual"][0]
 
 
+def with_output_signs(params: dict, sign_o: float, sign_2: float) -> dict:
+    """The layer's params with W_o times `sign_o` and W_2 times `sign_2`."""
+    signs = {"attn_out": sign_o, "ffn_out": sign_2}
+
+    def flip(path, leaf):
+        names = [entry.key for entry in path]
+        return leaf * signs.get(names[-2], 1.0) if names[-1] == "kernel" else leaf
+
+    return jax.tree_util.tree_map_with_path(flip, params)
+
+
 def averaged_layer(cfg: ModelConfig, scheme, x: jax.Array, at: int) -> tuple[np.ndarray, ...]:
     """Mean and standard error over DRAWS weight draws of layer `at`'s output moments, each
     draw averaged over the four sign choices of (W_o, W_2)."""
@@ -67,16 +78,7 @@ def averaged_layer(cfg: ModelConfig, scheme, x: jax.Array, at: int) -> tuple[np.
     draws = []
     for k in range(DRAWS):
         params = init(jax.random.PRNGKey(k))
-        signed = []
-        for so, s2 in SIGNS:
-            p = jax.tree.map(lambda a: a, params)
-            p["params"]["attn"]["attn_out"]["kernel"] = (
-                so * params["params"]["attn"]["attn_out"]["kernel"]
-            )
-            p["params"]["ffn"]["ffn_out"]["kernel"] = (
-                s2 * params["params"]["ffn"]["ffn_out"]["kernel"]
-            )
-            signed.append(moments(apply(p)))
+        signed = [moments(apply(with_output_signs(params, *signs))) for signs in SIGNS]
         draws.append(np.mean(signed, axis=0))
     draws = np.asarray(draws)
     return draws.mean(axis=0), draws.std(axis=0, ddof=1) / np.sqrt(DRAWS)
