@@ -70,14 +70,32 @@ def max_error(predicted: np.ndarray, measured: np.ndarray) -> float | None:
 def laws(profile: Profile) -> dict[str, float | None]:
     """The summary figures the laws are stated in (layers 1..N); weight-gradient ratios are
     None where the weights get no gradient at init (ReZero's branches behind a zero gate)."""
-    var, wg = profile.var[1:], profile.weight_grad_norm
+    return curve_laws(profile.var, profile.weight_grad_norm)
+
+
+def curve_laws(var: np.ndarray, wg: np.ndarray | None) -> dict[str, float | None]:
+    """`laws` of a variance curve (embedding output, layers 1..N) and a weight-gradient-norm
+    curve (layers 1..N, None: nothing to compare)."""
+    var = np.asarray(var)[1:]
+    wg = None if wg is None else np.asarray(wg)
     ratio = lambda a, b: float(a / b) if b > 0 else None
     return {
         "var_min": float(var.min()),
         "var_max": float(var.max()),
         "var_last_over_first": float(var[-1] / var[0]),
-        "wg_max_over_min": ratio(wg.max(), wg.min()),
-        "wg_last_over_first": ratio(wg[-1], wg[0]),
+        "wg_max_over_min": None if wg is None else ratio(wg.max(), wg.min()),
+        "wg_last_over_first": None if wg is None else ratio(wg[-1], wg[0]),
+    }
+
+
+def ensemble_laws(ensemble: dict) -> dict[str, dict[str, float | None]]:
+    """The laws of the seeds' geometric-mean curves (`seed_ensemble`), measured and
+    predicted: the typical model's, which the theory predicts. A ratio of geometric means is
+    the geometric mean of the single seeds' ratios."""
+    wg = ensemble["weight_grad_norm"]
+    return {
+        f"laws_{kind}": curve_laws(ensemble["var"][kind], None if wg is None else wg[kind])
+        for kind in ("measured", "predicted")
     }
 
 
@@ -194,6 +212,18 @@ def format_ensembles(ensembles: list[dict]) -> str:
             for q in ENSEMBLE_QUANTITIES
         )
         lines.append(f"  {e['scheme']:<9}{e['placement'] + '-LN':<9}{cells}")
+    laws_of_means = [
+        {
+            **e,
+            "max_rel_error": {
+                q: None if e[q] is None else e[q]["max_rel_error"] for q in ENSEMBLE_QUANTITIES
+            },
+        }
+        for e in ensembles
+        if "laws_measured" in e
+    ]
+    if laws_of_means:
+        lines += ["the laws of the seed means (geometric means):", format_table(laws_of_means)]
     return "\n".join(lines)
 
 
@@ -316,7 +346,8 @@ def main() -> None:
         print(f"  {scheme} {placement}: {time.perf_counter() - start:.0f} s", flush=True)
         if args.seeds > 1:
             ensemble = seed_ensemble(runs, ENSEMBLE_QUANTITIES)
-            ensembles.append({"scheme": scheme, "norm": norm, **ensemble})
+            ensemble = {"scheme": scheme, "norm": norm, **ensemble}
+            ensembles.append({**ensemble, **ensemble_laws(ensemble)})
     print(format_table(results))
     if ensembles:
         print(format_ensembles(ensembles))

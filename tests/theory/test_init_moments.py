@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import init_moments
+from experiments.signal_propagation import seed_ensemble
 
 # 12-seed geometric mean of the measured Xavier Post-LN last/first weight-gradient ratio, 24
 # layers, d = 128 (seeds 0-11; experiments/README.md)
@@ -85,6 +86,72 @@ def test_dropout_limits_the_post_ln_rank_collapse(runs):
     measured, predicted = result["measured"]["corr"][-1], result["predicted"]["corr"][-1]
     assert measured < 0.9, measured
     assert abs(predicted - measured) <= 0.02, (predicted, measured)
+
+
+def test_authors_setting_post_ln_gradients_vanish_over_96_layers(text):
+    """The diagnosis in the setting of the authors' figures (theory.md 2.7): the masked-LM
+    encoder with dropout 0.1 / 0.1 in training mode, 96 layers. Dropout keeps the stream
+    from collapsing (r ~ 0.87), so the gradient keeps shrinking by a steady factor per layer
+    instead of saturating as in the collapsed stream without dropout: last/first 66.7x
+    measured for seed 0 at d = 128 (6 seeds: 6.8-67x, geometric mean 25x), 9.4x predicted.
+    The theory predicts the mean over weight draws of each layer's gain; at d = 128 one
+    model's per-layer gain fluctuates with a log-sd of ~0.15, whose Jensen gap (~0.01 per
+    layer) makes the typical model shrink faster. At d = 256 the prediction matches the
+    seed mean (the slow test below; experiments/README.md)."""
+    tokens, targets = text
+    result = init_moments.run_variant(
+        "xavier", "layer_norm", "post", 96, tokens, targets, "mlm", dropout=0.1
+    )
+    measured = result["laws_measured"]["wg_last_over_first"]
+    predicted = result["laws_predicted"]["wg_last_over_first"]
+    assert measured >= 5.0 and predicted >= 5.0, (measured, predicted)
+    assert result["measured"]["corr"][-1] < 0.95  # not collapsed: dropout limits it
+
+
+@pytest.mark.slow
+def test_authors_setting_diagnosis_on_the_seed_mean(text):
+    """The diagnosis of the typical model, as the issue states it: at 96 layers, d = 256, in
+    the authors' setting (masked-LM encoder, dropout 0.1), the geometric mean over 8 init
+    seeds of the Xavier Post-LN last/first weight-gradient ratio is at least 5x (10.0x; single
+    seeds 2.5-33x), and the theory's prediction of that ratio is within 25% (10.1x). ~5 min."""
+    tokens, targets = text
+    runs = [
+        init_moments.run_variant(
+            "xavier", "layer_norm", "post", 96, tokens, targets, "mlm", s, 256, 0.1
+        )
+        for s in range(8)
+    ]
+    ensemble = seed_ensemble(runs, init_moments.ENSEMBLE_QUANTITIES)
+    laws = init_moments.ensemble_laws(ensemble)
+    measured = laws["laws_measured"]["wg_last_over_first"]
+    predicted = laws["laws_predicted"]["wg_last_over_first"]
+    assert measured >= 5.0, measured
+    assert abs(predicted / measured - 1) <= 0.25, (predicted, measured)
+
+
+def test_seed_mean_laws_are_the_seeds_geometric_means():
+    """`ensemble_laws`: the last/first ratio of the seeds' geometric-mean curves is the
+    geometric mean of the single seeds' ratios; schemes whose weights get no gradient give
+    None."""
+    layers = np.arange(1, 5)
+
+    def run(seed: int, shrink: float) -> dict:
+        curves = {
+            "var": [0.5, *(1.0 + 0.1 * layers)],
+            "corr": [0.1] * 5,
+            "weight_grad_norm": list(shrink ** (layers - 4.0)),
+        }
+        return {"seed": seed, "placement": "post", "measured": curves, "predicted": curves}
+
+    ensemble = seed_ensemble([run(0, 2.0), run(1, 8.0)], init_moments.ENSEMBLE_QUANTITIES)
+    laws = init_moments.ensemble_laws(ensemble)["laws_measured"]
+    assert laws["wg_last_over_first"] == pytest.approx(np.sqrt(2.0**3 * 8.0**3))
+    assert laws["var_last_over_first"] == pytest.approx(1.4 / 1.1)
+    gated = seed_ensemble(
+        [{**run(0, 2.0), "measured": {**run(0, 2.0)["measured"], "weight_grad_norm": [0.0] * 4}}],
+        init_moments.ENSEMBLE_QUANTITIES,
+    )
+    assert init_moments.ensemble_laws(gated)["laws_measured"]["wg_max_over_min"] is None
 
 
 @pytest.mark.parametrize(
