@@ -4,6 +4,7 @@
   and Monte Carlo measurement of any function built from the real nn/ modules.
 - components.py: forward/backward moment maps of the elementwise and linear components.
 - attention.py: moment maps of softmax attention, including the query/key gradient paths.
+- attention_positions.py: the same on (L, L) token covariances (position-resolved).
 - softmax_functionals.py: the softmax quadratures attention.py reads its moments from.
 - token_correlation.py: (L, L) token covariances within and between sequences, forward.
 - weight_gradients.py: expected weight-gradient norms from token covariances.

@@ -17,7 +17,7 @@ import numpy as np
 
 from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.nn.norms import partial_features
-from deepscale_jax.theory import attention, components
+from deepscale_jax.theory import attention, attention_positions, components
 from deepscale_jax.theory.measure import Grad, Signal
 from deepscale_jax.theory.token_correlation import (
     entrywise,
@@ -222,8 +222,9 @@ class Sublayer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """`backward` for the (L, L) token covariance of the gradient (per feature): token-wise
         pieces scale its diagonal and off-diagonal by their mean-field variance and covariance
-        gains, the attention branch mixes tokens (attention.mha_backward_covariance), and the
-        norm divides token i's gradient by its own input std (`norm_input_var`, per token).
+        gains, the attention branch mixes tokens
+        (attention_positions.mha_backward_covariance), and the norm divides token i's gradient
+        by its own input std (`norm_input_var`, per token).
         `corr`: the (L, L) token correlation at the branch input (token_correlation.py).
         Returns the covariance at the sublayer input, the covariance at the branch output and
         the branch's share c = beta^2 tr(branch path) / lam^2 tr(residual path) of the
@@ -275,13 +276,13 @@ class Sublayer:
         `token_var` the per-token variance before the sublayer and `norm_input_var` at its norm
         (`token_correlation.forward_covariance`). Token-wise maps act on every pair at its
         correlation (`pairwise_covariance`); attention passes it through each sequence's mean
-        attention (attention.mha_cross_covariance). At init every sequence goes through the
-        same weights, so the stream's shared direction correlates sequences, and the position
-        embedding correlates tokens at the same position of two sequences (about half the
-        embedding's variance): a scalar cross covariance would pass both whole through
-        attention, which passes only the first (48 xavier Pre-LN layers, d = 256, seed 0: the
-        stream's mean cross covariance at the top, 48 measured, 58 predicted by the matrix,
-        69 by the scalar)."""
+        attention (attention_positions.mha_cross_covariance). At init every sequence goes
+        through the same weights, so the stream's shared direction correlates sequences, and
+        the position embedding correlates tokens at the same position of two sequences (about
+        half the embedding's variance): a scalar cross covariance would pass both whole
+        through attention, which passes only the first (48 xavier Pre-LN layers, d = 256,
+        seed 0: the stream's mean cross covariance at the top, 48 measured, 58 predicted by
+        the matrix, 69 by the scalar)."""
         x, h_or_merged, _ = cache
 
         def branch(signal: Signal, cov: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -313,8 +314,8 @@ class Sublayer:
         (pi - arccos rho) / (2 pi), is smaller between sequences than within a collapsed
         one, so gradients of different sequences decorrelate going down (Balduzzi et al.
         2017, shattered gradients). Attention mixes through the mean attention
-        (attention.mha_backward_cross). A Post-LN norm applies the same one-model gain as in
-        `backward_covariance`."""
+        (attention_positions.mha_backward_cross). A Post-LN norm applies the same one-model
+        gain as in `backward_covariance`."""
 
         pairs = np.asarray(input_cross, float)
         shared = off_diagonal_mean(pairs) if pairs.ndim == 2 else float(pairs)
@@ -407,16 +408,18 @@ def decoder_sublayers(cfg: ModelConfig, scheme: Any, layer: int, seq_len: int) -
             **common,
             input_on_sphere=on_sphere and layer > 0,
             branch_width=cfg.d_model,  # sum over heads of W_v^h W_o^h: H d_head = d units
-            branch_backward_covariance=lambda x, c, corr: attention.mha_backward_covariance(
-                x, c, corr=corr, **attn_kw
+            branch_backward_covariance=lambda x, c, corr: (
+                attention_positions.mha_backward_covariance(x, c, corr=corr, **attn_kw)
             ),
-            branch_forward_covariance=lambda x, corr: attention.mha_forward_covariance(
+            branch_forward_covariance=lambda x, corr: attention_positions.mha_forward_covariance(
                 x, corr, **attn_kw
             ),
             branch_weight_grads=lambda *a: attention_weight_grad_sq(*a, **attn_kw),
             branch_cross_forward=lambda x: attention.mha_cross_forward(x, **attn_kw),
-            branch_cross_backward=lambda x, c: attention.mha_backward_cross(x, c, **attn_kw),
-            branch_cross_covariance=lambda x, cross, corr: attention.mha_cross_covariance(
+            branch_cross_backward=lambda x, c: attention_positions.mha_backward_cross(
+                x, c, **attn_kw
+            ),
+            branch_cross_covariance=lambda x, cross, corr: attention_positions.mha_cross_covariance(
                 x, cross, corr, **attn_kw
             ),
         ),

@@ -6,14 +6,15 @@ tokens 0..i, so late tokens converge on a shared prefix average while the first 
 own value (token 0's output is v_0). Their correlation with the rest stays low (measured on the
 48-layer xavier Pre-LN LM, layer 10: LayerNorm output of token 0 has correlation ~0.55 with the
 late-token average, tokens >= 64 ~0.97), which gives their keys more logit variance and hence
-more attention and more gradient (attention.key_tilts). This module propagates the (L, L)
+more attention and more gradient (attention_positions.key_tilts). This module propagates the (L, L)
 covariance C (per feature) through the sublayers, each map acting on it as on the mean-field
 moments:
 - a norm divides token i by its own std, so its output correlation is C_ij / sqrt(C_ii C_jj)
   (the per-token norm's O(1/d) correlation change is left out);
 - a token-wise branch f (FFN) maps each pair of tokens as its mean-field map maps a pair of
   correlation C_ij: Cov(f_i, f_j) = f(Signal(mu, s^2, C_ij)).cov, read off on a grid of C_ij;
-- attention mixes tokens through its tilted mean attention (attention.mha_forward_covariance);
+- attention mixes tokens through its tilted mean attention
+  (attention_positions.mha_forward_covariance);
 - dropout divides the diagonal by 1 - p; the residual adds lambda^2 C + beta^2 C_branch.
 """
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from deepscale_jax.theory import attention, components
+from deepscale_jax.theory import attention, attention_positions, components
 from deepscale_jax.theory.measure import Grad, Signal
 from deepscale_jax.theory.token_correlation import entrywise
 
@@ -120,7 +120,7 @@ def attention_weight_grad_sq(
     context_var, context_cov = head.forward()
     context = Signal(0.0, context_var, context_cov / context_var if context_var > 0 else 0.0)
     context_grad = d * sigma_o**2 * branch_grad
-    grads = head.projection_gradients(context_grad)
+    grads = attention_positions.projection_gradients(head, context_grad)
     inputs = second_moments(h, L)
     context_moments = second_moments(context, L, head.row_variances())
     h_second_cross = np.broadcast_to(np.asarray(h_cross, float) + h.mean**2, (L, L))

@@ -17,6 +17,7 @@ import pytest
 from deepscale_jax.nn.attention import MultiHeadAttention, causal_mask
 from deepscale_jax.nn.initializers import LayerInit
 from deepscale_jax.theory import attention as theory
+from deepscale_jax.theory import attention_positions
 from deepscale_jax.theory import attention_sweeps as sweeps
 from deepscale_jax.theory.measure import (
     AUTHORS_PERCENTILES,
@@ -117,7 +118,7 @@ def test_cross_sequence_covariance_passes_through_each_sequences_mean_attention(
     d, heads, length, shared = 64, 4, 10, 0.3
     kw = {"d": d, "heads": heads, "L": length, "sigma_k": 0.1, "sigma_v": 0.1, "sigma_o": 0.125}
     same = np.linspace(1.0, 2.0, length)
-    out = theory.mha_cross_covariance(
+    out = attention_positions.mha_cross_covariance(
         Signal(0.0, 1.0, 0.3),
         shared + np.diag(same),
         np.full((length, length), 0.3) + 0.7 * np.eye(length),

@@ -12,7 +12,7 @@ from deepscale_jax.model_config import ModelConfig
 from deepscale_jax.models.lm import DecoderLM
 from deepscale_jax.nn.norms import norm_from_config, partial_features
 from deepscale_jax.schemes import build_scheme
-from deepscale_jax.theory import attention
+from deepscale_jax.theory import attention, attention_positions
 from deepscale_jax.theory.measure import Grad, Signal, estimate
 from deepscale_jax.theory.model_measure import (
     max_relative_error,
@@ -76,7 +76,7 @@ def _predicted_and_measured(text, placement: str):
 def test_pre_ln_prediction_matches_the_real_lm(text):
     """16-layer xavier Pre-LN byte LM: forward variance within 12% at every layer (measured
     7.8%), gradient variance within 25% (the issue's target) from layer 2 up (measured: 24.0%
-    at layer 3, with the non-exchangeable causal keys of attention.key_tilts; 33% without
+    at layer 3, with the non-exchangeable causal keys of attention_positions.key_tilts; 33% without
     them), the correlation, read off the position-resolved covariance as the measurement
     does (`token_correlation.mean_moments`), within 0.04 (measured 0.026), and the mean
     covariance between sequences within 20% (measured 15.6%; 52% when attention passes it
@@ -121,7 +121,9 @@ def test_position_resolved_attention_backward_averages_to_the_mean_field(causal)
     is exactly the mean-field gradient variance."""
     x = Signal(0.0, 1.0, 0.5)
     kw = dict(d=128, heads=4, L=48, sigma_q=0.1, sigma_k=0.12, sigma_v=0.1, sigma_o=0.09)
-    cov = attention.mha_backward_covariance(x, 2.0 * np.eye(48), p_attn=0.1, causal=causal, **kw)
+    cov = attention_positions.mha_backward_covariance(
+        x, 2.0 * np.eye(48), p_attn=0.1, causal=causal, **kw
+    )
     mean_field = attention.mha_backward(x, Grad(2.0, 0.0), p_attn=0.1, causal=causal, **kw)
     np.testing.assert_allclose(np.mean(np.diag(cov)), mean_field.var, rtol=1e-10)
 
@@ -139,7 +141,7 @@ def test_position_resolved_attention_backward_keeps_the_row_pair_terms(causal, r
 
     x, length = Signal(0.0, 1.0, r), 128
     kw = dict(d=128, heads=4, L=length, p_attn=0.0, causal=causal, **xavier_stds(128, 4))
-    cov = attention.mha_backward_covariance(
+    cov = attention_positions.mha_backward_covariance(
         x, r_g + (1 - r_g) * np.eye(length), corr=r + (1 - r) * np.eye(length), **kw
     )
     mean_field = attention.mha_backward(x, Grad(1.0, r_g), **kw)
@@ -156,32 +158,32 @@ def test_token_correlation_maps_reduce_to_the_mean_field_for_exchangeable_tokens
     x = Signal(0.0, 1.0, 0.6)
     kw = dict(d=128, heads=4, L=48, sigma_q=0.1, sigma_k=0.12, sigma_v=0.1, sigma_o=0.09)
     uniform = 0.6 + 0.4 * np.eye(48)
-    mean_attention, tilt2, centred = attention.key_tilts(uniform, 1.7, causal)
+    mean_attention, tilt2, centred = attention_positions.key_tilts(uniform, 1.7, causal)
     seen = np.tril(np.ones((48, 48))) if causal else np.ones((48, 48))
     n = seen.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(mean_attention, seen / n, atol=1e-12)
     np.testing.assert_allclose(tilt2, seen, atol=1e-12)
     np.testing.assert_allclose(centred, 0.4 * (1 - 1 / n) * seen, atol=1e-12)
-    cov = attention.mha_forward_covariance(x, uniform, p_attn=0.1, causal=causal, **kw)
+    cov = attention_positions.mha_forward_covariance(x, uniform, p_attn=0.1, causal=causal, **kw)
     mean_field = attention.mha_forward(x, p_attn=0.1, causal=causal, **kw)
     off = ~np.eye(48, dtype=bool)
     np.testing.assert_allclose(np.mean(np.diag(cov)), mean_field.var, rtol=1e-10)
     np.testing.assert_allclose(np.mean(cov[off]), mean_field.cov, rtol=1e-8)
     grad = 2.0 * np.eye(48)
-    with_corr = attention.mha_backward_covariance(
+    with_corr = attention_positions.mha_backward_covariance(
         x, grad, p_attn=0.1, causal=causal, corr=uniform, **kw
     )
-    without = attention.mha_backward_covariance(x, grad, p_attn=0.1, causal=causal, **kw)
+    without = attention_positions.mha_backward_covariance(x, grad, p_attn=0.1, causal=causal, **kw)
     np.testing.assert_allclose(with_corr, without, rtol=1e-10)
 
 
 def test_first_tokens_draw_more_attention_when_less_correlated():
     """A causal row attends more, and with larger fluctuations, to a key that is less
-    correlated with the others (attention.key_tilts): token 0 of a stack whose later tokens
-    share a common component."""
+    correlated with the others (attention_positions.key_tilts): token 0 of a stack whose later
+    tokens share a common component."""
     corr = 0.9 + 0.1 * np.eye(32)
     corr[0, 1:] = corr[1:, 0] = 0.5
-    mean_attention, tilt2, _ = attention.key_tilts(corr, 2.5, causal=True)
+    mean_attention, tilt2, _ = attention_positions.key_tilts(corr, 2.5, causal=True)
     np.testing.assert_allclose(mean_attention.sum(axis=1), 1.0)
     assert mean_attention[-1, 0] > 1.5 / 32 and tilt2[-1, 0] > 4 * tilt2[-1, 5]
     assert np.isclose(mean_attention[-1, 5], mean_attention[-1, 6])
