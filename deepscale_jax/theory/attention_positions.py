@@ -29,7 +29,7 @@ def key_tilts(
     variance: row i's logits z_ij = q_i.k_j / sqrt(d_k) minus their row mean (softmax is blind
     to it) have variance tau_ij = V_z C_jj^(i), C^(i) the input correlation matrix `corr`
     centred over the n_i keys row i sees: C_jj^(i) = 1 - 2 mean_k corr_jk + mean_kl corr_kl.
-    Exchangeable keys give the common tau of the module docstring; here the keys differ by
+    Exchangeable keys give the common tau of attention.py's docstring; here the keys differ by
     Delta_ij = tau_ij - mean_j tau_ij. For a row of many keys the normalizer concentrates,
     S = sum_k e^(z_k) ~ sum_k e^(tau_ik/2), so (log-normal e^z)
         E A_ij = t_ij / sum_k t_ik,    t_ij = e^(Delta_ij/2),
@@ -66,7 +66,7 @@ def forward_covariance(head: Head, corr: np.ndarray) -> np.ndarray:
     Cov(v_k, v_l) = s_v^2 corr_kl, so E c_i c_j = s_v^2 sum_kl E[A_ik A_jl] corr_kl. Split
     E[A_ik A_jl] into the mean attention (tilted, `key_tilts`) and its fluctuation: the
     first gives s_v^2 (Abar corr Abar^T)_ij; the second is taken from the exchangeable
-    theory, i.e. `row_variances` (diagonal) and `forward`'s pair term (off it) minus their
+    theory, i.e. `Head.row_variances` (diagonal) and `Head.forward`'s pair term (off it) minus their
     mean-attention part at uniform correlation r, s_v^2 (r + (1 - r)/n_max):
         fluct_ii = row_variances_i - s_v^2 (r + (1-r)/n_i),
         fluct_ij = s_v^2 (1 - r) [K_ij/n_max - 1/n_max + r coh_i coh_j],
@@ -90,7 +90,7 @@ def projection_gradients(
     """Position-resolved gradients of the head's values, queries and keys (per element)
     from the (L, L) token covariance `cov` of the context gradient (any token structure):
     "value" the (L, L) token covariance of dV, "query" and "key" the per-token variances of
-    dQ and dK (taken as uncorrelated across tokens, the r_g = 0 forms of `backward`).
+    dQ and dK (taken as uncorrelated across tokens, the r_g = 0 forms of `Head.backward`).
 
     Value path: dV_j = sum_i A_ij g_i with E A_ij = 1/n_i on the n_i keys row i sees (keys
     exchangeable), so Cov dV = Abar^T cov Abar, plus the attention-weight fluctuation
@@ -110,12 +110,12 @@ def projection_gradients(
     tokens are exchangeable at the head's r (the untilted attention).
 
     Pairs of rows i != i' with correlated gradients add on the keys both favour, as in
-    `backward`'s r_g K sums: the value path through the rows' covarying weights
+    `Head.backward`'s r_g K sums: the value path through the rows' covarying weights
     (`row_pair_fluctuation`), the key path through their shared query direction (weights
     times corr_ii' + `query_tilt`, times `key_pair_factor`). On a bidirectional stream with
     dropout (r = 0.87, r_g = 0.54, d = 128, 4 heads) the two are 0.30 and 0.09 of the
     measured gradient variance 1.55 (attention_sweeps.MHACase); with them the mean
-    diagonal of the map is 1.52, the mean-field `backward`'s, where it was 1.14.
+    diagonal of the map is 1.52, the mean-field `Head.backward`'s, where it was 1.14.
     """
     f, r, p, d_k, d_in, length = head.f, head.r, head.p, head.d_k, head.d_in, head.length
     sq2, sk2, sv2 = (head.proj_var(s) for s in (head.sigma_q, head.sigma_k, head.sigma_v))
@@ -150,7 +150,7 @@ def projection_gradients(
 
 
 def key_pair_factor(head: Head) -> np.ndarray:
-    """(L, L) per pair of rows i != i': the centred key overlap of `pairs`,
+    """(L, L) per pair of rows i != i': the centred key overlap of `Head.pairs`,
     (K_ii' - G3_i - G3_i' + K_ii'^2/n_max)/n_max with G3 = M2^(1-rho) (n M3)^rho, over its
     uniform-attention value (1 - 1/n_max)/n_max: how much more two rows' key-path
     gradients add on the keys both favour than the mean attention says. 1 at tau = 0."""
@@ -169,10 +169,10 @@ def row_pair_fluctuation(head: Head, mean_attention: np.ndarray, cov: np.ndarray
     """The value gradient's (L, L) covariance from the attention weights of two different
     rows covarying on the keys both see: sum_{i != i'} cov_ii' Cov(A_i., A_i'.).
 
-    Two rows' logits on one key share the key's component (correlation rho, step 2), so
-    E sum_j A_ij A_i'j = K_ii'/n_max (`pair_overlap`) exceeds the mean attention's
+    Two rows' logits on one key share the key's component (correlation rho, attention.py step 2), so
+    E sum_j A_ij A_i'j = K_ii'/n_max (`Head.pair_overlap`) exceeds the mean attention's
     S_ii' = sum_j Abar_ij Abar_i'j (1/n_max untilted) by e_ii' = (K_ii' - 1)/n_max: a key
-    that both rows favour collects both rows' gradients. `backward`'s value path has this
+    that both rows favour collects both rows' gradients. `Head.backward`'s value path has this
     as its r_g K pair sum. Position-resolved, the excess is spread over the shared keys in
     proportion to Abar_ij Abar_i'j, D = diag(e_ii' Abar_i o Abar_i' / S_ii'), and each
     row's weights sum to 1, so Cov(A_i., A_i'.) = Pi_i D Pi_i'^T with Pi_i = I - Abar_i 1^T
@@ -201,7 +201,7 @@ def row_pair_fluctuation(head: Head, mean_attention: np.ndarray, cov: np.ndarray
 
 
 def backward_covariance(head: Head, cov: np.ndarray, corr: np.ndarray | None = None) -> np.ndarray:
-    """Position-resolved `backward`: the (L, L) token covariance of dLoss/dX through this
+    """Position-resolved `Head.backward`: the (L, L) token covariance of dLoss/dX through this
     head, dX = W_v dV + W_q dQ + W_k dK (`projection_gradients`)."""
     grads = projection_gradients(head, cov, corr)
     fan = lambda sigma: head.d_k * sigma**2

@@ -1,7 +1,8 @@
 """The cure and the diagnosis (issue 4), on the real LM at init and in the theory.
 
-24 layers, d=128, 16 x 128 bytes of Shakespeare (experiments/init_moments.py at a depth the
-default suite can afford; the 96- and 192-layer figures are in experiments/README.md).
+Mostly 24 layers, d=128, 16 x 128 bytes of Shakespeare (experiments/init_moments.py at a depth
+the default suite can afford); the diagnosis in the authors' setting (masked LM, dropout 0.1)
+at 96 layers, its seed mean at d = 256 under `-m slow`. The figures: experiments/README.md.
 """
 
 import numpy as np
