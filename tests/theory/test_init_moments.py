@@ -97,7 +97,8 @@ def test_authors_setting_post_ln_gradients_vanish_over_96_layers(text):
     measured for seed 0 at d = 128 (6 seeds: 6.8-67x, geometric mean 25x), 9.0x predicted.
     The theory predicts the mean over weight draws of each layer's gain; at d = 128 one
     model's per-layer gain fluctuates with a log-sd of ~0.15, whose Jensen gap (~0.01 per
-    layer) makes the typical model shrink faster. At d = 256 the prediction matches the
+    layer) is the likely reason the typical model shrinks faster. At d = 256 the prediction
+    matches the
     seed mean (the slow test below; experiments/README.md)."""
     tokens, targets = text
     result = init_moments.run_variant(
