@@ -82,6 +82,11 @@ from deepscale_jax.theory.measure import Grad, Signal
 from deepscale_jax.theory.softmax_functionals import softmax_functionals
 
 
+def keys_seen(length: int, causal: bool) -> np.ndarray:
+    """n_i, the number of keys query row i sees: i + 1 under a causal mask, else all L."""
+    return np.arange(1.0, length + 1) if causal else np.full(length, float(length))
+
+
 @dataclasses.dataclass(frozen=True)
 class Head:
     """One attention head on a given input; every derived quantity of the docstring."""
@@ -157,7 +162,7 @@ class Head:
     def pairs(self) -> tuple[float, float, float]:
         """sum_{i != i'} of K/n_max, of its centred version, and of the doubly centred one."""
         f, rho, length = self.f, self.rho, self.length
-        n = np.arange(1, length + 1, dtype=float) if self.causal else np.full(length, length, float)
+        n = keys_seen(length, self.causal)
         k_min = (n * f["M2"]) ** rho
         g3 = f["M2"] ** (1 - rho) * (n * f["M3"]) ** rho
         if self.causal:  # rows i < i': interpolate K from n_i = n_i' (k_min) to n_i << n_i' (T)
@@ -252,7 +257,7 @@ class Head:
         (saturating on short rows); `backward`'s r_eff = r + this."""
         if self.tau <= 0:
             return 0.0
-        n = np.arange(1, self.length + 1) if self.causal else np.full(self.length, self.length)
+        n = keys_seen(self.length, self.causal)
         c_sat = float(np.mean(np.log(np.maximum(n * self.f["M2"], 1.0)))) / self.tau
         return c_sat * self.tau * (1 + self.r**2) / self.d_k
 

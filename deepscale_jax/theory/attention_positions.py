@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepscale_jax.theory.attention import Head, mha_head
+from deepscale_jax.theory.attention import Head, keys_seen, mha_head
 from deepscale_jax.theory.measure import Signal
 
 
@@ -42,7 +42,7 @@ def key_tilts(
     """
     corr = np.asarray(corr, float)
     length = corr.shape[0]
-    n = np.arange(1, length + 1, dtype=float) if causal else np.full(length, float(length))
+    n = keys_seen(length, causal)
     if causal:
         seen = np.tril(np.ones((length, length)))
         row_mean = (np.cumsum(corr, axis=1) / n).T  # [i, j] = mean_{k <= i} corr_jk
@@ -73,7 +73,7 @@ def forward_covariance(head: Head, corr: np.ndarray) -> np.ndarray:
     so a uniform `corr` = r gives back the mean-field moments, while a row whose keys are
     less correlated (the first tokens) gets the smaller shared part they really have."""
     r, sv2, length = head.r, head.proj_var(head.sigma_v), head.length
-    n = np.arange(1, length + 1, dtype=float) if head.causal else np.full(length, length)
+    n = keys_seen(length, head.causal)
     mean_attention = key_tilts(corr, head.logit_scale, head.causal)[0]
     out = sv2 * mean_attention @ np.asarray(corr, float) @ mean_attention.T
     n_max = np.maximum(n[:, None], n[None, :])
@@ -121,7 +121,7 @@ def projection_gradients(
     sq2, sk2, sv2 = (head.proj_var(s) for s in (head.sigma_q, head.sigma_k, head.sigma_v))
     m2, om1, om2 = f["M2"], *head.omegas
     c_p = (1 - r + r * p) / (1 - p)
-    n = np.arange(1, length + 1) if head.causal else np.full(length, length)
+    n = keys_seen(length, head.causal)
     own = np.diag(cov)
     if corr is None:  # exchangeable tokens: the untilted attention (key_tilts of uniform r)
         corr = r + (1 - r) * np.eye(length)
@@ -155,7 +155,7 @@ def key_pair_factor(head: Head) -> np.ndarray:
     uniform-attention value (1 - 1/n_max)/n_max: how much more two rows' key-path
     gradients add on the keys both favour than the mean attention says. 1 at tau = 0."""
     f, rho, length = head.f, head.rho, head.length
-    n = np.arange(1, length + 1, dtype=float) if head.causal else np.full(length, length)
+    n = keys_seen(length, head.causal)
     n_max = np.maximum(n[:, None], n[None, :])
     k = head.pair_overlap() * n_max
     g3 = f["M2"] ** (1 - rho) * (n * f["M3"]) ** rho
@@ -184,7 +184,7 @@ def row_pair_fluctuation(head: Head, mean_attention: np.ndarray, cov: np.ndarray
     correlation 0.54, d = 128, 4 heads) loses 0.30 of the measured 1.55 gradient variance
     of the attention branch; at r -> 1 (tau -> 0) K -> 1 and the term vanishes."""
     length = head.length
-    n = np.arange(1, length + 1, dtype=float) if head.causal else np.full(length, length)
+    n = keys_seen(length, head.causal)
     excess = head.pair_overlap() - (1.0 - np.eye(length)) / np.maximum(n[:, None], n[None, :])
     overlap = mean_attention @ mean_attention.T
     weighted = np.asarray(cov, float) * excess
