@@ -24,18 +24,13 @@ import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from deepscale_jax.data.mlm import MASK_ID, VOCAB_SIZE, MaskingRates, mask_row
-from deepscale_jax.models.lm import DecoderLM
-from deepscale_jax.models.mlm import EncoderMLM
-from deepscale_jax.schemes import SCHEMES, build_scheme
+from deepscale_jax.schemes import SCHEMES
 from deepscale_jax.theory.model import Profile
-from deepscale_jax.theory.model_measure import predicted_and_measured
 from experiments import signal_propagation
-from experiments.signal_propagation import check_width, model_config, seed_ensemble, text_batch
+from experiments.signal_propagation import check_width, lm_at_init, seed_ensemble, text_batch
 
 MODEL = dataclasses.replace(signal_propagation.MODEL, num_layers=96)
 STATISTICS = (
@@ -44,7 +39,6 @@ STATISTICS = (
     ("weight_grad_norm", "weight-gradient norm"),
 )
 ENSEMBLE_QUANTITIES = tuple(name for name, _ in STATISTICS)
-DROPOUT_SEED_OFFSET = 1000  # the masks' key: init seed + this, apart from the init keys
 
 
 def variants(names: list[str]) -> list[tuple[str, str, str]]:
@@ -103,15 +97,6 @@ def _fmt(value: float | None, width: int) -> str:
     return f"{'-':>{width}}" if value is None or not np.isfinite(value) else f"{value:>{width}.3g}"
 
 
-def mlm_batch(tokens: jax.Array, seed: int = 0) -> dict[str, jax.Array]:
-    """The masked-LM view of a text batch (data/mlm.py masking: 15%, 80/10/10)."""
-    rng = np.random.default_rng(seed)
-    rows = [mask_row(np.asarray(row), rng, MaskingRates()) for row in tokens]
-    batch = {k: np.stack([row[k] for row in rows]) for k in ("inputs", "targets", "weights")}
-    assert batch["inputs"].max() <= MASK_ID
-    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
-
-
 def run_variant(
     scheme: str,
     norm: str,
@@ -128,20 +113,8 @@ def run_variant(
     width `d_model` (d_ff = 4 d_model). `dropout` > 0: hidden and attention dropout at that
     rate, measured in training mode on one draw of the masks (the authors' setting, p = 0.1;
     shared/reference/theory.md 2.7), which the schemes' init and the theory both take in."""
-    cfg = dataclasses.replace(
-        model_config(layers, placement, d_model), norm=norm, dropout=dropout, attn_dropout=dropout
-    )
-    weights = None
-    if model_kind == "mlm":
-        cfg = dataclasses.replace(cfg, architecture="encoder_only", vocab_size=VOCAB_SIZE)
-        batch = mlm_batch(tokens)
-        tokens, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
-    model_cls = EncoderMLM if model_kind == "mlm" else DecoderLM
-    model = model_cls(cfg, build_scheme({"name": scheme}, cfg))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
-    dropout_rng = jax.random.PRNGKey(DROPOUT_SEED_OFFSET + seed) if dropout > 0 else None
-    predicted, measured = predicted_and_measured(
-        model, params, tokens, targets, weights, dropout_rng
+    predicted, measured = lm_at_init(
+        layers, placement, tokens, targets, scheme, norm, model_kind, seed, d_model, dropout
     )
     errors = {
         name: max_error(getattr(predicted, name), getattr(measured, name)) for name, _ in STATISTICS

@@ -12,7 +12,11 @@ r"""Signal propagation: closed-form moments vs Monte Carlo on the real modules a
    text; per-layer residual-stream variance, correlation and gradient variance, predicted
    (theory/model.py) and measured; figure written to --figdir. With `--seeds K`, also the
    geometric means over K init seeds (`seed_ensemble`): one model is one random draw, and
-   the theory predicts the typical model.
+   the theory predicts the typical model. `--model mlm --dropout 0.1`: the same for the
+   authors' setting, the bidirectional masked-LM encoder with dropout 0.1 in training mode.
+
+    python -m experiments.signal_propagation --skip_components --seeds 8 --d_model 256 \
+        --model mlm --dropout 0.1
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from deepscale_jax.models.lm import DecoderLM
 from deepscale_jax.schemes import build_scheme
 from deepscale_jax.theory import attention_sweeps, component_sweeps
 from deepscale_jax.theory.measure import AUTHORS_PERCENTILES, case_errors, percentiles
+from deepscale_jax.theory.model import Profile
 from deepscale_jax.theory.model_measure import max_relative_error, predicted_and_measured
 
 SWEEPS = (component_sweeps, attention_sweeps)
@@ -122,6 +127,60 @@ def model_config(layers: int, placement: str, d_model: int = MODEL.d_model) -> M
     )
 
 
+DROPOUT_SEED_OFFSET = 1000  # the masks' key: init seed + this, apart from the init keys
+
+
+def mlm_batch(tokens: jax.Array, seed: int = 0) -> dict[str, jax.Array]:
+    """The masked-LM view of a text batch (data/mlm.py masking: 15%, 80/10/10)."""
+    from deepscale_jax.data.mlm import MASK_ID, MaskingRates, mask_row
+
+    rng = np.random.default_rng(seed)
+    rows = [mask_row(np.asarray(row), rng, MaskingRates()) for row in tokens]
+    batch = {k: np.stack([row[k] for row in rows]) for k in ("inputs", "targets", "weights")}
+    assert batch["inputs"].max() <= MASK_ID
+    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+
+
+def lm_at_init(
+    layers: int,
+    placement: str,
+    tokens: jax.Array,
+    targets: jax.Array,
+    scheme: str = "xavier",
+    norm: str = "layer_norm",
+    model_kind: str = "lm",
+    seed: int = 0,
+    d_model: int = MODEL.d_model,
+    dropout: float = 0.0,
+) -> tuple[Profile, Profile]:
+    """(predicted, measured) per-layer moments of one LM at init (`predicted_and_measured`):
+    MODEL at `layers` and width `d_model` (d_ff = 4 d_model), the causal decoder LM on
+    (tokens, targets) or, `model_kind` "mlm", the bidirectional encoder with the masked-LM loss
+    on `mlm_batch(tokens)`. `dropout` > 0: hidden and attention dropout at that rate, measured
+    in training mode on one draw of the masks (the authors' setting, p = 0.1; theory.md 2.7),
+    which the schemes' init and the theory both take in."""
+    import flax.linen as nn
+
+    from deepscale_jax.data.mlm import VOCAB_SIZE
+    from deepscale_jax.models.mlm import EncoderMLM
+
+    cfg = dataclasses.replace(
+        model_config(layers, placement, d_model), norm=norm, dropout=dropout, attn_dropout=dropout
+    )
+    weights = None
+    if model_kind == "mlm":
+        cfg = dataclasses.replace(cfg, architecture="encoder_only", vocab_size=VOCAB_SIZE)
+        batch = mlm_batch(tokens)
+        tokens, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+    elif model_kind != "lm":
+        raise ValueError(f"model_kind must be 'lm' or 'mlm', got {model_kind!r}")
+    model_cls = EncoderMLM if model_kind == "mlm" else DecoderLM
+    model = model_cls(cfg, build_scheme({"name": scheme}, cfg))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
+    dropout_rng = jax.random.PRNGKey(DROPOUT_SEED_OFFSET + seed) if dropout > 0 else None
+    return predicted_and_measured(model, params, tokens, targets, weights, dropout_rng)
+
+
 def whole_model(
     layers: int,
     placement: str,
@@ -130,16 +189,27 @@ def whole_model(
     scheme: str = "xavier",
     seed: int = 0,
     d_model: int = MODEL.d_model,
+    model_kind: str = "lm",
+    dropout: float = 0.0,
 ) -> dict:
-    cfg = model_config(layers, placement, d_model)
-    model = DecoderLM(cfg, build_scheme({"name": scheme}, cfg))
-    import flax.linen as nn
-
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
-    predicted, measured = predicted_and_measured(model, params, tokens, targets)
+    """Predicted and measured per-layer profiles of one LM at init (`lm_at_init`), with the
+    max relative errors over layers."""
+    predicted, measured = lm_at_init(
+        layers,
+        placement,
+        tokens,
+        targets,
+        scheme,
+        model_kind=model_kind,
+        seed=seed,
+        d_model=d_model,
+        dropout=dropout,
+    )
     return {
         "placement": placement,
         "scheme": scheme,
+        "model": model_kind,
+        "dropout": dropout,
         "layers": layers,
         "d_model": d_model,
         "seed": seed,
@@ -311,7 +381,21 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="init seeds for the whole model (geometric means)"
     )
+    parser.add_argument(
+        "--model",
+        choices=("lm", "mlm"),
+        default="lm",
+        help="whole model: the causal byte LM, or the bidirectional masked-LM encoder",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="whole model: hidden and attention dropout, in training mode (the authors': 0.1)",
+    )
     args = parser.parse_args()
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     check_width(parser, args.d_model)
@@ -332,15 +416,27 @@ def main() -> None:
         tokens, targets = text_batch(16, MODEL.max_len, args.data_dir)
         runs = {
             p: [
-                whole_model(args.layers, p, tokens, targets, seed=s, d_model=args.d_model)
+                whole_model(
+                    args.layers,
+                    p,
+                    tokens,
+                    targets,
+                    seed=s,
+                    d_model=args.d_model,
+                    model_kind=args.model,
+                    dropout=args.dropout,
+                )
                 for s in range(args.seeds)
             ]
             for p in ("pre", "post")
         }
         results = [seeds[0] for seeds in runs.values()]
         os.makedirs(args.figdir, exist_ok=True)
-        stem = f"signal_propagation_{args.layers}l" + (
-            "" if args.d_model == MODEL.d_model else f"_d{args.d_model}"
+        stem = (
+            f"signal_propagation_{args.layers}l"
+            + ("" if args.model == "lm" else f"_{args.model}")
+            + ("" if args.d_model == MODEL.d_model else f"_d{args.d_model}")
+            + ("" if args.dropout == 0 else f"_p{args.dropout:g}")
         )
         path = os.path.join(args.figdir, f"{stem}.png")
         plot_whole_model(results, path)
