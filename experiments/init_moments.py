@@ -113,7 +113,7 @@ def run_variant(
     width `d_model` (d_ff = 4 d_model). `dropout` > 0: hidden and attention dropout at that
     rate, measured in training mode on one draw of the masks (the authors' setting, p = 0.1;
     shared/reference/theory.md 2.7), which the schemes' init and the theory both take in."""
-    predicted, measured = lm_at_init(
+    _, predicted, measured = lm_at_init(
         layers, placement, tokens, targets, scheme, norm, model_kind, seed, d_model, dropout
     )
     errors = {

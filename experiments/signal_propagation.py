@@ -27,6 +27,7 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -36,7 +37,11 @@ from deepscale_jax.schemes import build_scheme
 from deepscale_jax.theory import attention_sweeps, component_sweeps
 from deepscale_jax.theory.measure import AUTHORS_PERCENTILES, case_errors, percentiles
 from deepscale_jax.theory.model import Profile
-from deepscale_jax.theory.model_measure import max_relative_error, predicted_and_measured
+from deepscale_jax.theory.model_measure import (
+    gradient_step_decomposition,
+    max_relative_error,
+    predicted_and_measured,
+)
 
 SWEEPS = (component_sweeps, attention_sweeps)
 
@@ -152,15 +157,14 @@ def lm_at_init(
     seed: int = 0,
     d_model: int = MODEL.d_model,
     dropout: float = 0.0,
-) -> tuple[Profile, Profile]:
-    """(predicted, measured) per-layer moments of one LM at init (`predicted_and_measured`):
+) -> tuple[nn.Module, Profile, Profile]:
+    """(model, predicted, measured): per-layer moments of one LM at init
+    (`predicted_and_measured`):
     MODEL at `layers` and width `d_model` (d_ff = 4 d_model), the causal decoder LM on
     (tokens, targets) or, `model_kind` "mlm", the bidirectional encoder with the masked-LM loss
     on `mlm_batch(tokens)`. `dropout` > 0: hidden and attention dropout at that rate, measured
     in training mode on one draw of the masks (the authors' setting, p = 0.1; theory.md 2.7),
     which the schemes' init and the theory both take in."""
-    import flax.linen as nn
-
     from deepscale_jax.data.mlm import VOCAB_SIZE
     from deepscale_jax.models.mlm import EncoderMLM
 
@@ -178,7 +182,7 @@ def lm_at_init(
     model = model_cls(cfg, build_scheme({"name": scheme}, cfg))
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
     dropout_rng = jax.random.PRNGKey(DROPOUT_SEED_OFFSET + seed) if dropout > 0 else None
-    return predicted_and_measured(model, params, tokens, targets, weights, dropout_rng)
+    return model, *predicted_and_measured(model, params, tokens, targets, weights, dropout_rng)
 
 
 def whole_model(
@@ -194,7 +198,7 @@ def whole_model(
 ) -> dict:
     """Predicted and measured per-layer profiles of one LM at init (`lm_at_init`), with the
     max relative errors over layers."""
-    predicted, measured = lm_at_init(
+    model, predicted, measured = lm_at_init(
         layers,
         placement,
         tokens,
@@ -224,6 +228,12 @@ def whole_model(
             predicted.weight_grad_norm, measured.weight_grad_norm
         ),
         "max_rel_error_cross": max_relative_error(predicted.cross[1:], measured.cross[1:]),
+        "gradient_steps": {
+            name: values.tolist()
+            for name, values in gradient_step_decomposition(
+                model, tokens, predicted, measured
+            ).items()
+        },
         "token_groups": {
             kind: token_group_profile(profile.grad_var_by_position)
             for kind, profile in (("predicted", predicted), ("measured", measured))
@@ -276,6 +286,28 @@ def seed_ensemble(results: list[dict], quantities: tuple[str, ...] = ENSEMBLE_QU
                 ).tolist()
             ),
         }
+    return out
+
+
+def step_summary(results: list[dict]) -> dict[str, float]:
+    """Over init seeds (results of one model variant): the mean and the standard error of
+    the sums over layers of the gradient decomposition's two parts (`whole_model`'s
+    "gradient_steps", model_measure.gradient_step_decomposition), whose sum is the
+    prediction's log error at the stack input: "map_error" (each layer's map fed the measured
+    state above it) and "state_term" (the predicted state's drift); and the mean gradient
+    correlation between tokens over the middle layers (N/4..3N/4), measured and predicted by
+    one layer's map from the measured state."""
+    out: dict[str, float] = {}
+    for part in ("map_error", "state_term"):
+        sums = np.asarray([np.sum(r["gradient_steps"][part]) for r in results])
+        out[part] = float(sums.mean())
+        out[f"{part}_standard_error"] = (
+            float(sums.std(ddof=1) / np.sqrt(len(sums))) if len(sums) > 1 else float("nan")
+        )
+    layers = results[0]["layers"]
+    middle = slice(layers // 4, 3 * layers // 4)
+    for name in ("grad_corr_measured", "grad_corr_step"):
+        out[name] = float(np.mean([r["gradient_steps"][name][middle] for r in results]))
     return out
 
 
@@ -450,6 +482,18 @@ def main() -> None:
                 f"covariance between sequences {100 * r['max_rel_error_cross']:.1f}%"
             )
         record = {"seed_0": results}
+        for placement, seeds in runs.items():
+            steps = step_summary(seeds)
+            print(
+                f"{placement}-LN gradient variance at the input, log error over {len(seeds)} "
+                f"seed(s) = maps fed the measured state {steps['map_error']:+.3f} "
+                f"(standard error {steps['map_error_standard_error']:.3f}) + the predicted "
+                f"state's drift {steps['state_term']:+.3f} "
+                f"({steps['state_term_standard_error']:.3f}); gradient correlation, middle "
+                f"layers: measured {steps['grad_corr_measured']:.3f}, one layer's map "
+                f"{steps['grad_corr_step']:.3f}"
+            )
+            record[f"gradient_steps_{placement}"] = steps
         if args.seeds > 1:
             ensembles = [seed_ensemble(seeds) for seeds in runs.values()]
             for e in ensembles:

@@ -44,9 +44,17 @@ class Profile:
     top_grad_covariance: np.ndarray | None = None  # (L, L), measured: the backward anchor
     top_grad_cross: np.ndarray | None = None  # (L, L) across sequences, measured only
     embed_cross: np.ndarray | None = None  # (L, L) between sequences at the stack input, measured
+    grad_covariances: np.ndarray | None = None  # (N + 1, L, L) gradient token covariances, measured
+    grad_crosses: np.ndarray | None = None  # (N + 1, L, L) the same between sequences, measured
 
     def to_json(self) -> dict[str, list | None]:
-        anchors = {"top_grad_covariance", "top_grad_cross", "embed_cross"}
+        anchors = {
+            "top_grad_covariance",
+            "top_grad_cross",
+            "embed_cross",
+            "grad_covariances",
+            "grad_crosses",
+        }
         fields = [f.name for f in dataclasses.fields(self) if f.name not in anchors]
         return {
             name: (None if getattr(self, name) is None else getattr(self, name).tolist())
@@ -65,6 +73,56 @@ def _forward(
             caches.append((sublayer, cache))
         forward.append(x)
     return forward, caches
+
+
+ForwardState = tuple[np.ndarray, np.ndarray, np.ndarray]  # norm input vars, input cross, corr
+
+
+def _forward_states(
+    caches: list[tuple[Sublayer, tuple]], x0: Signal, seq_len: int, x0_cross: np.ndarray | float
+) -> tuple[list[ForwardState], list[tuple[float, float]], list[float]]:
+    """The position-resolved forward pass (`token_correlation.forward_covariance`): per
+    sublayer, what its backward needs (the per-token norm input variances, the (L, L)
+    covariance between sequences and the token correlation at its input); per layer, the
+    stream's (mean variance, mean correlation) (`mean_moments`); per layer output and the
+    embedding output, the stream's mean covariance between sequences."""
+    cross = np.broadcast_to(np.asarray(x0_cross, float), (seq_len, seq_len))
+    stream_cross = [off_diagonal_mean(cross)]
+    tokens = x0.var * (x0.corr + (1 - x0.corr) * np.eye(seq_len))
+    states, layer_moments = [], []
+    for index, (sublayer, cache) in enumerate(caches):
+        token_var = np.diag(tokens).copy()
+        tokens, corr, norm_input = forward_covariance(sublayer, cache, tokens)
+        cross, input_cross = sublayer.forward_cross(cache, cross, corr, token_var, norm_input)
+        states.append((norm_input, input_cross, corr))
+        if index % 2 == 1:  # a layer's output
+            layer_moments.append(mean_moments(tokens))
+            stream_cross.append(off_diagonal_mean(cross))
+    return states, layer_moments, stream_cross
+
+
+def _sublayer_backward(
+    cfg: ModelConfig,
+    sublayer: Sublayer,
+    cache: tuple,
+    state: ForwardState,
+    cov: np.ndarray,
+    grad_cross: np.ndarray,
+    batch: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One sublayer's position-resolved backward: the (L, L) gradient covariances within and
+    between sequences at its input from those at its output, each times the typical merge
+    factor (typical.py), and its weights' squared gradient norm (weight_gradients.py)."""
+    norm_input, input_cross, corr = state
+    cov_in, branch, share = sublayer.backward_covariance(
+        cache, cov, norm_input, corr, off_diagonal_mean(input_cross)
+    )
+    typical = typical_merge_factor(
+        share, cfg.d_model, sublayer.branch_width, cov, grad_cross, batch
+    )
+    cross_in, branch_cross = sublayer.backward_cross(cache, grad_cross, norm_input, input_cross)
+    weight_sq = sublayer.weight_grad_sq(cache, branch, batch, input_cross, branch_cross)
+    return cov_in * typical, cross_in * typical, weight_sq
 
 
 def predict_lm(
@@ -104,46 +162,22 @@ def predict_lm(
     forward, caches = _forward(cfg, scheme, seq_len, x0)
     g, grads = g_top, [g_top]
     covs = None if g_top_covariance is None else [np.asarray(g_top_covariance, float)]
-    norm_input_vars, input_crosses, corrs = [], [], []
     stream = [(s.var, s.corr) for s in forward]
     stream_cross = None
     if covs is not None:
-        cross = np.broadcast_to(np.asarray(x0_cross, float), (seq_len, seq_len))
-        stream_cross = [off_diagonal_mean(cross)]
-        tokens = x0.var * (x0.corr + (1 - x0.corr) * np.eye(seq_len))
-        for index, (sublayer, cache) in enumerate(caches):
-            token_var = np.diag(tokens).copy()
-            tokens, corr, norm_input = forward_covariance(sublayer, cache, tokens)
-            if index % 2 == 1:  # a layer's output
-                stream[index // 2 + 1] = mean_moments(tokens)
-            norm_input_vars.append(norm_input)
-            corrs.append(corr)
-            cross, input_cross = sublayer.forward_cross(cache, cross, corr, token_var, norm_input)
-            input_crosses.append(input_cross)
-            if index % 2 == 1:
-                stream_cross.append(off_diagonal_mean(cross))
+        states, layer_moments, stream_cross = _forward_states(caches, x0, seq_len, x0_cross)
+        stream[1:] = layer_moments
         grad_cross = np.zeros((seq_len, seq_len)) if g_top_cross is None else g_top_cross
     weight_sq = np.zeros(cfg.num_layers)
     for index in range(len(caches) - 1, -1, -1):
         sublayer, cache = caches[index]
         g = sublayer.backward(cache, g)
         if covs is not None:
-            norm_input = norm_input_vars[index]
-            input_cross = off_diagonal_mean(input_crosses[index])  # the scalar maps' pair
-            cov, branch, share = sublayer.backward_covariance(
-                cache, covs[-1], norm_input, corrs[index], input_cross
+            cov, grad_cross, sq = _sublayer_backward(
+                cfg, sublayer, cache, states[index], covs[-1], grad_cross, batch
             )
-            typical = typical_merge_factor(
-                share, cfg.d_model, sublayer.branch_width, covs[-1], grad_cross, batch
-            )
-            grad_cross, branch_cross = sublayer.backward_cross(
-                cache, grad_cross, norm_input, input_crosses[index]
-            )
-            weight_sq[index // 2] += sublayer.weight_grad_sq(
-                cache, branch, batch, input_crosses[index], branch_cross
-            )
-            covs.append(cov * typical)
-            grad_cross = grad_cross * typical
+            covs.append(cov)
+            weight_sq[index // 2] += sq
         if index % 2 == 0:  # the input of an attention sublayer = the output of a layer
             grads.append(g)
     grads.reverse()
@@ -163,3 +197,35 @@ def predict_lm(
         grad_var_by_position=per_position,
         cross=None if stream_cross is None else np.asarray(stream_cross),
     )
+
+
+def layer_gradient_steps(
+    cfg: ModelConfig,
+    scheme: Any,
+    seq_len: int,
+    x0: Signal,
+    grad_covariances: np.ndarray,
+    grad_crosses: np.ndarray,
+    batch: int,
+    x0_cross: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Each layer's position-resolved backward map applied to a given gradient state at its
+    output, not to the predicted one: `grad_covariances` and `grad_crosses` ((N + 1, L, L),
+    index as Profile) are the gradient's token covariances within and between sequences after
+    each layer (measured ones, say); returns (N, L, L), entry l - 1 the covariance at layer l's
+    input that the theory gives from entry l of the state (l = 1..N). Fed the measurement,
+    this separates the maps' own error from the drift of the predicted state
+    (model_measure.gradient_step_decomposition)."""
+    _, caches = _forward(cfg, scheme, seq_len, x0)
+    states, _, _ = _forward_states(caches, x0, seq_len, x0_cross)
+    out = []
+    for layer in range(1, cfg.num_layers + 1):
+        cov = np.asarray(grad_covariances[layer], float)
+        cross = np.asarray(grad_crosses[layer], float)
+        for index in (2 * layer - 1, 2 * layer - 2):  # the FFN sublayer, then attention
+            sublayer, cache = caches[index]
+            cov, cross, _ = _sublayer_backward(
+                cfg, sublayer, cache, states[index], cov, cross, batch
+            )
+        out.append(cov)
+    return np.asarray(out)

@@ -30,7 +30,7 @@ from deepscale_jax.theory.measure import (
     estimate,
     token_covariance,
 )
-from deepscale_jax.theory.model import Profile, predict_lm
+from deepscale_jax.theory.model import Profile, layer_gradient_steps, predict_lm
 from deepscale_jax.theory.token_correlation import off_diagonal_mean
 
 WEIGHT_NAMES = ("kernel",)
@@ -173,6 +173,8 @@ def measure_lm(
         token_covariance(anchor),
         cross_sequence_covariance(anchor),
         cross[0],
+        np.asarray([token_covariance(s) for s in grad_streams]),
+        np.asarray([cross_sequence_covariance(s) for s in grad_streams]),
     )
 
 
@@ -203,6 +205,60 @@ def predicted_and_measured(
         x0_cross=measured.embed_cross,
     )
     return predicted, measured
+
+
+def _mean_variance(cov: np.ndarray) -> np.ndarray:
+    """Mean diagonal of each (..., L, L) token covariance."""
+    return np.diagonal(cov, axis1=-2, axis2=-1).mean(axis=-1)
+
+
+def _mean_correlation(cov: np.ndarray) -> np.ndarray:
+    """Mean off-diagonal entry over mean diagonal entry of each (..., L, L) covariance."""
+    length = cov.shape[-1]
+    diag = np.diagonal(cov, axis1=-2, axis2=-1).sum(axis=-1)
+    return (cov.sum(axis=(-2, -1)) - diag) / (length - 1) / diag
+
+
+def gradient_step_decomposition(
+    model: nn.Module, tokens: jax.Array, predicted: Profile, measured: Profile
+) -> dict[str, np.ndarray]:
+    """The predicted gradient variance's log error split layer by layer into the maps' own
+    error and the drift of the predicted state (`predicted_and_measured`'s pair; per layer
+    l = 1..N, arrays of length N, entry l - 1):
+    - "map_error": log(S_{l-1} / M_{l-1}), S_{l-1} the theory's gradient variance at layer l's
+      input given the *measured* (L, L) gradient state at its output
+      (model.layer_gradient_steps), M the measured variance (mean of the covariance diagonal;
+      the top state is the anchor, the gradient the top norm passes);
+    - "state_term": log(P_{l-1} / P_l) - log(S_{l-1} / M_l), the predicted layer's gain on
+      the predicted state minus the same map's gain on the measured state: what the
+      predicted state's differences from the real one (its gradient correlation, chiefly)
+      cost.
+    Their sum over layers is exactly log(P_0 / M_0), the prediction's error at the stack input
+    (telescoping; P_N = M_N, the anchor). Also "grad_corr_measured" (length N + 1) and
+    "grad_corr_step" (N): the mean gradient correlation between tokens, measured and given by
+    one layer's map from the measured state above it."""
+    cfg = model.config
+    state = np.array(measured.grad_covariances, float)
+    state[-1] = measured.top_grad_covariance
+    crosses = np.array(measured.grad_crosses, float)
+    crosses[-1] = measured.top_grad_cross
+    steps = layer_gradient_steps(
+        cfg,
+        model.scheme,
+        tokens.shape[1],
+        Signal(0.0, float(measured.var[0]), float(measured.corr[0])),
+        state,
+        crosses,
+        tokens.shape[0],
+        measured.embed_cross,
+    )
+    meas, step, pred = _mean_variance(state), _mean_variance(steps), predicted.grad_var
+    return {
+        "map_error": np.log(step / meas[:-1]),
+        "state_term": np.log(pred[:-1] / pred[1:]) - np.log(step / meas[1:]),
+        "grad_corr_measured": _mean_correlation(state),
+        "grad_corr_step": _mean_correlation(steps),
+    }
 
 
 def max_relative_error(predicted: np.ndarray, measured: np.ndarray) -> float:

@@ -15,6 +15,7 @@ from deepscale_jax.schemes import build_scheme
 from deepscale_jax.theory import attention, attention_positions
 from deepscale_jax.theory.measure import Grad, Signal, estimate
 from deepscale_jax.theory.model_measure import (
+    gradient_step_decomposition,
     max_relative_error,
     measure_lm,
     predicted_and_measured,
@@ -63,17 +64,30 @@ def text(data_dir):
     return text_batch(16, 64, data_dir)
 
 
-def _predicted_and_measured(text, placement: str):
-    tokens_, targets = text
+def _model(placement: str) -> DecoderLM:
     cfg = ModelConfig(
         num_layers=16, d_model=64, num_heads=2, d_ff=256, max_len=64, norm_placement=placement
     )
-    model = DecoderLM(cfg, build_scheme({"name": "xavier"}, cfg))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens_))["params"]
-    return predicted_and_measured(model, params, tokens_, targets)
+    return DecoderLM(cfg, build_scheme({"name": "xavier"}, cfg))
 
 
-def test_pre_ln_prediction_matches_the_real_lm(text):
+@pytest.fixture(scope="module")
+def profiles(text):
+    """placement -> (predicted, measured) of the 16-layer model, each computed once."""
+    cache = {}
+
+    def get(placement: str):
+        if placement not in cache:
+            tokens_, targets = text
+            model = _model(placement)
+            params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens_))
+            cache[placement] = predicted_and_measured(model, params["params"], tokens_, targets)
+        return cache[placement]
+
+    return get
+
+
+def test_pre_ln_prediction_matches_the_real_lm(profiles):
     """16-layer xavier Pre-LN byte LM: forward variance within 12% at every layer (measured
     7.8%), gradient variance within 25% (the issue's target) from layer 2 up (measured: 24.0%
     at layer 3, with the non-exchangeable causal keys of attention_positions.key_tilts; 33% without
@@ -81,7 +95,7 @@ def test_pre_ln_prediction_matches_the_real_lm(text):
     does (`token_correlation.mean_moments`), within 0.04 (measured 0.026), and the mean
     covariance between sequences within 20% (measured 15.6%; 52% when attention passes it
     as one value for all pairs of positions)."""
-    predicted, measured = _predicted_and_measured(text, "pre")
+    predicted, measured = profiles("pre")
     assert max_relative_error(predicted.var, measured.var) < 0.12
     assert max_relative_error(predicted.grad_var[2:], measured.grad_var[2:]) < 0.25
     np.testing.assert_allclose(predicted.corr[1:], measured.corr[1:], atol=0.04)
@@ -93,12 +107,29 @@ def test_pre_ln_prediction_matches_the_real_lm(text):
         assert slope > 0.5 and np.std(residual) < 0.1 * np.ptp(profile.var[1:])
 
 
-def test_post_ln_gradients_vanish_geometrically_except_at_the_first_token(text):
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_gradient_step_decomposition_adds_up_to_the_prediction_error(text, profiles, placement):
+    """Per layer, the theory's map fed the measured gradient state above it (the maps' own
+    error) and the same map's gain on the predicted state against the measured one (the
+    state's drift) sum to the prediction's log error at the stack input, exactly (they
+    telescope); at the top both states are the anchor. One layer's map from the measured
+    state also carries the gradient correlation between tokens to within 0.03 of the
+    measurement at every layer (measured: 0.02 in both placements)."""
+    predicted, measured = profiles(placement)
+    parts = gradient_step_decomposition(_model(placement), text[0], predicted, measured)
+    bottom = np.diagonal(measured.grad_covariances[0]).mean()
+    total = np.sum(parts["map_error"] + parts["state_term"])
+    assert total == pytest.approx(np.log(predicted.grad_var[0] / bottom), rel=1e-6, abs=1e-9)
+    assert abs(parts["state_term"][-1]) < 1e-9
+    np.testing.assert_allclose(parts["grad_corr_step"], parts["grad_corr_measured"][:-1], atol=0.03)
+
+
+def test_post_ln_gradients_vanish_geometrically_except_at_the_first_token(profiles):
     """Post-LN (Kedia et al. 2024 sec. 4): away from the first tokens the gradient shrinks
     geometrically toward the input, in the measurement and in the position-resolved
     prediction (log10 decay within 35%); token 0, whose causal attention row is a plain
     linear map, keeps its gradient."""
-    predicted, measured = _predicted_and_measured(text, "post")
+    predicted, measured = profiles("post")
     bulk = lambda p: np.log10(p.grad_var_by_position[1, 32:].mean())
     top = lambda p: np.log10(p.grad_var_by_position[-1, 32:].mean())
     measured_decay, predicted_decay = (

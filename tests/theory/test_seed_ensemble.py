@@ -4,7 +4,7 @@ and its standard error, on hand-made curves."""
 import numpy as np
 import pytest
 
-from experiments.signal_propagation import seed_ensemble
+from experiments.signal_propagation import seed_ensemble, step_summary
 
 
 def test_geometric_means_and_the_standard_error_of_their_log_error():
@@ -30,3 +30,30 @@ def test_geometric_means_and_the_standard_error_of_their_log_error():
     np.testing.assert_allclose(grad["log_error_standard_error"], expected)
     assert out["corr"]["log_error_standard_error"] is None  # averaged plainly, not in log
     assert out["corr"]["max_rel_error"] == pytest.approx(0.2)
+
+
+def test_step_summary_averages_the_decomposition_over_seeds():
+    """The two parts of the gradient decomposition, summed over layers, averaged over seeds
+    with their standard errors; the correlations over the middle layers N/4..3N/4."""
+    steps = [
+        {"map_error": [0.1, 0.2, 0.0, 0.1], "state_term": [0.0, 0.1, 0.1, 0.0]},
+        {"map_error": [-0.1, 0.0, 0.0, -0.1], "state_term": [0.1, 0.1, 0.1, 0.1]},
+    ]
+    results = [
+        {
+            "layers": 4,
+            "gradient_steps": {
+                **s,
+                "grad_corr_measured": [0.0, 0.5, 0.6, 0.0, 9.0],
+                "grad_corr_step": [0.0, 0.4, 0.4, 9.0],
+            },
+        }
+        for s in steps
+    ]
+    out = step_summary(results)
+    assert out["map_error"] == pytest.approx(0.1)  # sums 0.4 and -0.2
+    assert out["map_error_standard_error"] == pytest.approx(np.std([0.4, -0.2], ddof=1) / 2**0.5)
+    assert out["state_term"] == pytest.approx(0.3)
+    assert out["state_term_standard_error"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / 2**0.5)
+    assert out["grad_corr_measured"] == pytest.approx(0.55)
+    assert out["grad_corr_step"] == pytest.approx(0.4)
