@@ -158,9 +158,9 @@ def lm_at_init(
     d_model: int = MODEL.d_model,
     dropout: float = 0.0,
 ) -> tuple[nn.Module, Profile, Profile]:
-    """(model, predicted, measured): per-layer moments of one LM at init
-    (`predicted_and_measured`):
-    MODEL at `layers` and width `d_model` (d_ff = 4 d_model), the causal decoder LM on
+    """(model, predicted, measured): the per-layer moments of one LM at init
+    (`predicted_and_measured`). The LM is MODEL at `layers` and width `d_model` (d_ff =
+    4 d_model): the causal decoder LM on
     (tokens, targets) or, `model_kind` "mlm", the bidirectional encoder with the masked-LM loss
     on `mlm_batch(tokens)`. `dropout` > 0: hidden and attention dropout at that rate, measured
     in training mode on one draw of the masks (the authors' setting, p = 0.1; theory.md 2.7),
@@ -296,19 +296,35 @@ def step_summary(results: list[dict]) -> dict[str, float]:
     prediction's log error at the stack input: "map_error" (each layer's map fed the measured
     state above it) and "state_term" (the predicted state's drift); and the mean gradient
     correlation between tokens over the middle layers (N/4..3N/4), measured and predicted by
-    one layer's map from the measured state."""
+    one layer's map from the measured state. Standard errors are None for one seed."""
     out: dict[str, float] = {}
     for part in ("map_error", "state_term"):
         sums = np.asarray([np.sum(r["gradient_steps"][part]) for r in results])
         out[part] = float(sums.mean())
         out[f"{part}_standard_error"] = (
-            float(sums.std(ddof=1) / np.sqrt(len(sums))) if len(sums) > 1 else float("nan")
+            float(sums.std(ddof=1) / np.sqrt(len(sums))) if len(sums) > 1 else None
         )
     layers = results[0]["layers"]
     middle = slice(layers // 4, 3 * layers // 4)
     for name in ("grad_corr_measured", "grad_corr_step"):
         out[name] = float(np.mean([r["gradient_steps"][name][middle] for r in results]))
     return out
+
+
+def format_step_summary(placement: str, seeds: int, steps: dict[str, float]) -> str:
+    """One line of `step_summary`'s figures for one placement."""
+
+    def error(part: str) -> str:
+        value = steps[f"{part}_standard_error"]
+        return "" if value is None else f" (standard error {value:.3f})"
+
+    return (
+        f"{placement}-LN gradient variance at the input, log error over {seeds} seed(s) = "
+        f"maps fed the measured state {steps['map_error']:+.3f}{error('map_error')} + the "
+        f"predicted state's drift {steps['state_term']:+.3f}{error('state_term')}; gradient "
+        f"correlation, middle layers: measured {steps['grad_corr_measured']:.3f}, one layer's "
+        f"map {steps['grad_corr_step']:.3f}"
+    )
 
 
 def plot_ensembles(ensembles: list[dict], layers: int, path: str) -> None:
@@ -484,15 +500,7 @@ def main() -> None:
         record = {"seed_0": results}
         for placement, seeds in runs.items():
             steps = step_summary(seeds)
-            print(
-                f"{placement}-LN gradient variance at the input, log error over {len(seeds)} "
-                f"seed(s) = maps fed the measured state {steps['map_error']:+.3f} "
-                f"(standard error {steps['map_error_standard_error']:.3f}) + the predicted "
-                f"state's drift {steps['state_term']:+.3f} "
-                f"({steps['state_term_standard_error']:.3f}); gradient correlation, middle "
-                f"layers: measured {steps['grad_corr_measured']:.3f}, one layer's map "
-                f"{steps['grad_corr_step']:.3f}"
-            )
+            print(format_step_summary(placement, len(seeds), steps))
             record[f"gradient_steps_{placement}"] = steps
         if args.seeds > 1:
             ensembles = [seed_ensemble(seeds) for seeds in runs.values()]

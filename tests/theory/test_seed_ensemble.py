@@ -57,3 +57,5 @@ def test_step_summary_averages_the_decomposition_over_seeds():
     assert out["state_term_standard_error"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / 2**0.5)
     assert out["grad_corr_measured"] == pytest.approx(0.55)
     assert out["grad_corr_step"] == pytest.approx(0.4)
+    one = step_summary(results[:1])
+    assert one["map_error"] == pytest.approx(0.4) and one["map_error_standard_error"] is None
