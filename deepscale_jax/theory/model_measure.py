@@ -31,7 +31,7 @@ from deepscale_jax.theory.measure import (
     token_covariance,
 )
 from deepscale_jax.theory.model import Profile, layer_gradient_steps, predict_lm
-from deepscale_jax.theory.token_correlation import off_diagonal_mean
+from deepscale_jax.theory.token_correlation import mean_moments, off_diagonal_mean
 
 WEIGHT_NAMES = ("kernel",)
 
@@ -207,18 +207,6 @@ def predicted_and_measured(
     return predicted, measured
 
 
-def _mean_variance(cov: np.ndarray) -> np.ndarray:
-    """Mean diagonal of each (..., L, L) token covariance."""
-    return np.diagonal(cov, axis1=-2, axis2=-1).mean(axis=-1)
-
-
-def _mean_correlation(cov: np.ndarray) -> np.ndarray:
-    """Mean off-diagonal entry over mean diagonal entry of each (..., L, L) covariance."""
-    length = cov.shape[-1]
-    diag = np.diagonal(cov, axis1=-2, axis2=-1).sum(axis=-1)
-    return (cov.sum(axis=(-2, -1)) - diag) / (length - 1) / diag
-
-
 def gradient_step_decomposition(
     model: nn.Module, tokens: jax.Array, predicted: Profile, measured: Profile
 ) -> dict[str, np.ndarray]:
@@ -252,12 +240,15 @@ def gradient_step_decomposition(
         tokens.shape[0],
         measured.embed_cross,
     )
-    meas, step, pred = _mean_variance(state), _mean_variance(steps), predicted.grad_var
+    (meas, corr_meas), (step, corr_step) = (
+        np.asarray([mean_moments(c) for c in covs]).T for covs in (state, steps)
+    )
+    pred = predicted.grad_var
     return {
         "map_error": np.log(step / meas[:-1]),
         "state_term": np.log(pred[:-1] / pred[1:]) - np.log(step / meas[1:]),
-        "grad_corr_measured": _mean_correlation(state),
-        "grad_corr_step": _mean_correlation(steps),
+        "grad_corr_measured": corr_meas,
+        "grad_corr_step": corr_step,
     }
 
 

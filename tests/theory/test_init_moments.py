@@ -98,8 +98,7 @@ def test_authors_setting_post_ln_gradients_vanish_over_96_layers(text):
     The theory predicts the mean over weight draws of each layer's gain; at d = 128 one
     model's per-layer gain fluctuates with a log-sd of ~0.15, whose Jensen gap (~0.01 per
     layer) is the likely reason the typical model shrinks faster. At d = 256 the prediction
-    matches the
-    seed mean (the slow test below; experiments/README.md)."""
+    matches the seed mean (the slow test below; experiments/README.md)."""
     tokens, targets = text
     result = init_moments.run_variant(
         "xavier", "layer_norm", "post", 96, tokens, targets, "mlm", dropout=0.1
