@@ -261,8 +261,11 @@ def zero_sum_off_diagonal(variances: np.ndarray, weights: np.ndarray) -> np.ndar
     -k/(L-1)."""
     k = np.asarray(variances, float)
     total = k.sum(axis=1)
-    safe = np.where(total > 0, total, 1.0)
-    scale = np.where(total > 0, weights / (safe - np.sum(k * k, axis=1) / safe), 0.0)
+    safe_total = np.where(total > 0, total, 1.0)
+    spread = total - np.sum(k * k, axis=1) / safe_total  # sum_(j != j') k_j k_j' / S
+    # a family with all its variance on one token (or none) has no off-diagonal part
+    usable = (total > 0) & (spread > 1e-12 * np.abs(total))
+    scale = np.where(usable, weights / np.where(usable, spread, 1.0), 0.0)
     off = -k.T @ (scale[:, None] * k)
     np.fill_diagonal(off, 0.0)
     return off

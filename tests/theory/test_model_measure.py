@@ -178,6 +178,9 @@ def test_zero_sum_covariance_sums_to_zero():
     equal = attention_positions.zero_sum_covariance(np.full(6, 3.0))
     np.testing.assert_allclose(equal[0, 1:], -3.0 / 5, rtol=1e-12)
     np.testing.assert_allclose(equal.sum(axis=1), 0.0, atol=1e-12)
+    with np.errstate(all="raise"):  # all of a family's variance on one token: no off-diagonal
+        single = attention_positions.zero_sum_covariance(np.array([0.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(single, np.diag([0.0, 0.0, 2.0]))
     families = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     off = attention_positions.zero_sum_off_diagonal(families, np.array([2.0, 5.0]))
     np.testing.assert_allclose(
