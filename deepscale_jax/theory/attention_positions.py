@@ -164,9 +164,9 @@ def value_key_cross(
     cross term of `Head.backward` (attention.py, step 4) position-resolved. Row i's own term
     (`Head.value_key_own`, weight cov_ii) is spread over its keys as E A_ij^2 (`second`),
     a pair of rows' term (`Head.value_key_pairs`, weight cov_ii') over the keys both see as
-    Abar_ij Abar_i'j / S_ii', as `row_pair_fluctuation` spreads their overlap. Its part off
-    the diagonal (-1/(L-1) of it, the key path's column sum being 0) is left out, as the key
-    path's is."""
+    Abar_ij Abar_i'j / S_ii', as `row_pair_fluctuation` spreads their overlap. Like the key
+    path it sums to 0 over the tokens; `backward_covariance` adds its part off the diagonal
+    (`zero_sum_covariance`)."""
     own = head.value_key_own() * np.diag(cov)
     own_share = second / second.sum(axis=1, keepdims=True)
     overlap = mean_attention @ mean_attention.T
