@@ -136,9 +136,9 @@ def projection_gradients(
         + zero_sum_off_diagonal(second - mean_attention**2, own)
         + row_pair_fluctuation(head, mean_attention, cov)
     )
-    share = second / second.sum(axis=1, keepdims=True)
+    second_share = second / second.sum(axis=1, keepdims=True)
     exchangeable = np.maximum((1 - r) * (1 - 1 / n), 1e-12)[:, None]
-    share = share * np.where(n[:, None] > 1, centred / exchangeable, 1.0)
+    share = second_share * np.where(n[:, None] > 1, centred / exchangeable, 1.0)
     weights = mean_attention * np.sqrt(centred)
     shared = (np.asarray(corr, float) + head.query_tilt) * cov * key_pair_factor(head)
     np.fill_diagonal(shared, 0.0)
@@ -153,28 +153,36 @@ def projection_gradients(
         "value": value,
         "query": query_rows * own,
         "key": key,
-        "value_key": value_key_cross(head, cov, mean_attention, second),
+        "value_key": value_key_cross(head, cov, mean_attention, second_share),
     }
 
 
 def value_key_cross(
-    head: Head, cov: np.ndarray, mean_attention: np.ndarray, second: np.ndarray
+    head: Head, cov: np.ndarray, mean_attention: np.ndarray, second_share: np.ndarray
 ) -> np.ndarray:
     """Per token j, 2 E[dV_j . W_v^T W_k dK_j] / (d_k sigma_v^2), per element: the value-key
     cross term of `Head.backward` (attention.py, step 4) position-resolved. Row i's own term
-    (`Head.value_key_own`, weight cov_ii) is spread over its keys as E A_ij^2 (`second`),
-    a pair of rows' term (`Head.value_key_pairs`, weight cov_ii') over the keys both see as
-    Abar_ij Abar_i'j / S_ii', as `row_pair_fluctuation` spreads their overlap. Like the key
+    (`Head.value_key_own`, weight cov_ii) is spread over its keys as E A_ij^2
+    (`second_share`: row i's E A_i.^2 normalized), a pair of rows' term
+    (`Head.value_key_pairs`, weight cov_ii') over the keys both see as Abar_ij Abar_i'j /
+    S_ii' (`per_shared_overlap`), as `row_pair_fluctuation` spreads their overlap. Like the key
     path it sums to 0 over the tokens; `backward_covariance` adds its part off the diagonal
     (`zero_sum_covariance`)."""
     own = head.value_key_own() * np.diag(cov)
-    own_share = second / second.sum(axis=1, keepdims=True)
-    overlap = mean_attention @ mean_attention.T
-    pairs = np.asarray(cov, float) * head.value_key_pairs()
-    w = np.divide(pairs, overlap, out=np.zeros_like(pairs), where=overlap > 0)
-    np.fill_diagonal(w, 0.0)
+    w = per_shared_overlap(np.asarray(cov, float) * head.value_key_pairs(), mean_attention)
     shared = np.einsum("ij,ik,kj->j", mean_attention, w, mean_attention)
-    return 2.0 / head.d_in * (own_share.T @ own + shared)
+    return 2.0 / head.d_in * (second_share.T @ own + shared)
+
+
+def per_shared_overlap(pair_values: np.ndarray, mean_attention: np.ndarray) -> np.ndarray:
+    """(L, L) pair_values_ii' / S_ii' for rows i != i', S_ii' = sum_j Abar_ij Abar_i'j the
+    mean attention's overlap of the two rows (0 on the diagonal and where the rows share no
+    key): a pair term per unit of overlap, to spread over the keys both rows see in proportion
+    to Abar_ij Abar_i'j."""
+    overlap = mean_attention @ mean_attention.T
+    w = np.divide(pair_values, overlap, out=np.zeros_like(pair_values), where=overlap > 0)
+    np.fill_diagonal(w, 0.0)
+    return w
 
 
 def key_pair_factor(head: Head) -> np.ndarray:
@@ -214,10 +222,8 @@ def row_pair_fluctuation(head: Head, mean_attention: np.ndarray, cov: np.ndarray
     length = head.length
     n = keys_seen(length, head.causal)
     excess = head.pair_overlap() - (1.0 - np.eye(length)) / np.maximum(n[:, None], n[None, :])
-    overlap = mean_attention @ mean_attention.T
     weighted = np.asarray(cov, float) * excess
-    w = np.divide(weighted, overlap, out=np.zeros_like(weighted), where=overlap > 0)
-    np.fill_diagonal(w, 0.0)
+    w = per_shared_overlap(weighted, mean_attention)
     spread = mean_attention * (w @ mean_attention)
     diagonal = np.einsum("ij,ik,kj->j", mean_attention, w, mean_attention)
     return (
